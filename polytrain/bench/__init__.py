@@ -1,0 +1,1 @@
+"""Timing statistics, experiment runners, reports and the demo."""

@@ -1,0 +1,116 @@
+"""The `polytrain` command line: a thin front end over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from polytrain.config import Experiment, apply_overrides, load_toml, parse_assignments, parse_named
+from polytrain.data import DATASETS
+from polytrain.models import MODELS
+from polytrain.strategies import STRATEGIES
+from polytrain.train import TrainingDiverged, stored_experiment, train
+from polytrain.train.optim import OPTIMIZERS, SCHEDULES
+from polytrain.train.progress import console_reporter
+
+# Flags that map one-to-one onto Experiment fields.
+_FIELD_FLAGS = {"model": str, "dataset": str, "workers": int, "epochs": int, "batch_size": int, "lr": float,
+                "optimizer": str, "schedule": str, "microbatches": int, "seed": int, "target_accuracy": float,
+                "out": str}
+
+REGISTRIES = {"models": MODELS, "datasets": DATASETS, "optimizers": OPTIMIZERS, "schedules": SCHEDULES,
+              "strategies": STRATEGIES}
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    for name, kind in _FIELD_FLAGS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, dest=name)
+    parser.add_argument("--strategy", default=None, help="NAME[:k=v,...]")
+    parser.add_argument("--data-path", default=None, help="directory of a user dataset (mnist, cifar10, ...)")
+    parser.add_argument("--config", default=None, help="TOML file of settings")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any setting (repeatable); KEY.SUB=VALUE sets one entry of a table")
+    parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polytrain", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_flags(commands.add_parser("train", help="train a model"))
+    commands.add_parser("list", help="list every registry (models, datasets, ...)")
+    demo = commands.add_parser("demo", help="train a CNN on real MNIST digits and print a results table")
+    demo.add_argument("--epochs", type=int, default=None)
+    demo.add_argument("--out", default=None, help="also keep the run's files here")
+    return parser
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings from --config, then the flags given, then --set (later ones win)."""
+    overrides: dict[str, Any] = load_toml(args.config) if args.config else {}
+    overrides.update({name: getattr(args, name) for name in _FIELD_FLAGS if getattr(args, name) is not None})
+    if args.strategy is not None:
+        overrides["strategy"], overrides["strategy_args"] = parse_named(args.strategy, "--strategy")
+    if args.data_path is not None:
+        overrides["dataset_args.path"] = args.data_path
+    overrides.update(parse_assignments(args.set))
+    return overrides
+
+
+def command_train(args: argparse.Namespace) -> int:
+    overrides = overrides_from_args(args)
+    if args.resume:
+        base = stored_experiment(args.resume)
+        overrides.setdefault("out", args.resume)
+    else:
+        base = Experiment()
+    exp = apply_overrides(base, overrides)
+    result = train(exp, resume=args.resume, reporter=console_reporter(sys.stdout))
+    print(f"final test accuracy {100 * result.final_test_accuracy:.2f}% "
+          f"(best {100 * result.best_test_accuracy:.2f}%), {result.wall_s:.1f} s, "
+          f"{result.samples_per_s:.0f} samples/s" + (f"; results in {exp.out}" if exp.out else ""))
+    return 0
+
+
+def command_list(args: argparse.Namespace) -> int:
+    for title, registry in REGISTRIES.items():
+        print(f"{title}: {', '.join(registry.names())}")
+    return 0
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from polytrain.bench.demo import run_demo
+
+    run_demo(epochs=args.epochs, out=Path(args.out) if args.out else None)
+    return 0
+
+
+COMMANDS = {"train": command_train, "list": command_list, "demo": command_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `polytrain` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ValueError as error:
+        if args.debug:
+            raise
+        print(f"polytrain: error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        if args.debug:
+            raise
+        print(f"polytrain: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("polytrain: interrupted; a run with --out can be continued with --resume DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

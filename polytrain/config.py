@@ -1,0 +1,209 @@
+"""Frozen experiment configuration: TOML loading and typed `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message is one line naming what was wrong and what was expected."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Everything that defines one training run.
+
+    Fields left as None are filled by `polytrain.train.defaults.resolve` with the defaults for the chosen
+    model and dataset, so a resolved Experiment states every setting explicitly.
+
+    Attributes:
+        model: model zoo name (None: the dataset's default model).
+        model_args: metaparameters passed to the model builder (e.g. SqueezeNet's `sr`).
+        dataset: dataset name.
+        dataset_args: arguments of the dataset loader (e.g. `path` for user files).
+        test_fraction: share of samples held out for testing (datasets with an official split ignore it).
+        workers: number of worker ranks.
+        strategy: how workers cooperate (a registered strategy name).
+        strategy_args: arguments of the strategy.
+        epochs: passes over the training split.
+        batch_size: global batch: samples per optimizer step over all workers.
+        optimizer: torch.optim optimizer by registered name.
+        lr: learning rate (for `lr_reference_batch` samples when the linear scaling rule is on).
+        momentum: momentum of sgd-family optimizers, alpha of rmsprop.
+        weight_decay: L2 penalty (decoupled for adamw).
+        schedule: learning-rate schedule name.
+        schedule_args: arguments of the schedule (e.g. `milestones`, `gamma`, `power`).
+        warmup_epochs: linear learning-rate warm-up length in epochs (Goyal et al. 2017).
+        lr_reference_batch: when set, `lr` is scaled by batch_size / lr_reference_batch (linear scaling rule).
+        grad_clip: clip the global gradient norm to this value.
+        microbatches: split each worker's batch into this many microbatches (gradient accumulation).
+        seed: seed of weights, data order and split.
+        target_accuracy: test accuracy in [0, 1] for time-to-accuracy.
+        checkpoint_steps: also checkpoint every this many steps (0: only at the end of each epoch).
+        threads: torch threads per worker (None: the machine's cores divided by the workers).
+        out: directory for result.json, metrics.jsonl, model.pt and checkpoints.
+    """
+
+    model: str | None = None
+    model_args: dict = field(default_factory=dict)
+    dataset: str = "mnist5k"
+    dataset_args: dict = field(default_factory=dict)
+    test_fraction: float = 0.2
+    workers: int = 1
+    strategy: str = "local"
+    strategy_args: dict = field(default_factory=dict)
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    schedule: str | None = None
+    schedule_args: dict = field(default_factory=dict)
+    warmup_epochs: float = 0.0
+    lr_reference_batch: int | None = None
+    grad_clip: float | None = None
+    microbatches: int = 1
+    seed: int = 0
+    target_accuracy: float | None = None
+    checkpoint_steps: int = 0
+    threads: int | None = None
+    out: str | None = None
+
+    def replace(self, **changes: Any) -> "Experiment":
+        """Returns a copy with `changes` applied (validated like overrides)."""
+        return apply_overrides(self, changes)
+
+    def to_dict(self) -> dict:
+        """Plain-dict form for result.json and checkpoints."""
+        return dataclasses.asdict(self)
+
+
+def field_names() -> list[str]:
+    """The valid configuration keys."""
+    return [f.name for f in dataclasses.fields(Experiment)]
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Experiment)
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...]:
+    """The runtime types a field accepts: `int | None` -> (int, NoneType)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return tuple(a for a in typing.get_args(annotation))
+    return (annotation,)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Checks `value` against the type of field `key`, converting int to float where a float is due."""
+    allowed = _allowed_types(_field_types()[key])
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{key} may not be none")
+    if isinstance(value, bool) and bool not in allowed:
+        raise ConfigError(f"{key}={value!r}: expected {_type_words(allowed)}")
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if dict in allowed and isinstance(value, Mapping):
+        return dict(value)
+    if not isinstance(value, tuple(t for t in allowed if t is not type(None))):
+        raise ConfigError(f"{key}={value!r}: expected {_type_words(allowed)}")
+    return value
+
+
+def _type_words(allowed: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             dict: "a table of key=value", type(None): "none"}
+    return " or ".join(names.get(t, t.__name__) for t in allowed)
+
+
+def parse_value(text: str) -> Any:
+    """Parses an override's value as a TOML literal (`3`, `0.1`, `true`, `[1, 2]`); anything else is a string.
+
+    `none` and `null` mean None.
+    """
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_assignments(items: list[str], what: str = "--set") -> dict[str, Any]:
+    """Turns ["a=1", "b.c=x"] into {"a": 1, "b.c": "x"}; values parsed by `parse_value`."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what} {item!r}: expected key=value")
+        parsed[key.strip()] = parse_value(text.strip())
+    return parsed
+
+
+def parse_named(spec: str, what: str) -> tuple[str, dict[str, Any]]:
+    """Parses `NAME[:k=v,...]` (the --strategy and --compressor syntax) into (name, args)."""
+    name, _, rest = spec.partition(":")
+    if not name:
+        raise ConfigError(f"{what} {spec!r}: expected NAME[:k=v,...]")
+    args = parse_assignments([part for part in rest.split(",") if part], what) if rest else {}
+    return name, args
+
+
+def apply_overrides(base: Experiment, overrides: Mapping[str, Any]) -> Experiment:
+    """Returns `base` with `overrides` applied; `key.sub=value` sets one entry of a dict field.
+
+    Unknown keys and wrongly typed values raise ConfigError naming the valid keys or the expected type.
+    """
+    changes: dict[str, Any] = {}
+    valid = field_names()
+    for key, value in overrides.items():
+        name, _, sub = key.partition(".")
+        if name not in valid:
+            raise ConfigError(f"unknown setting '{name}'; valid: {', '.join(valid)}")
+        if sub:
+            if dict not in _allowed_types(_field_types()[name]):
+                raise ConfigError(f"setting '{name}' has no entries; '{key}' is not valid")
+            current = changes.get(name, dict(getattr(base, name)))
+            changes[name] = {**current, sub: value}
+        else:
+            changes[name] = _coerce(name, value)
+    return dataclasses.replace(base, **changes)
+
+
+def _flatten_toml(table: Mapping[str, Any]) -> dict[str, Any]:
+    """Flattens grouping sections ([train], [data]); a table named after a dict field is kept whole."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping) and key not in field_names():
+            flat.update(_flatten_toml(value))
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Reads a TOML config file into overrides; sections such as [train] only group keys."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"invalid TOML in {path}: {error}") from None
+    return _flatten_toml(table)

@@ -1,0 +1,54 @@
+"""Datasets (real and synthetic), file loaders and the rank-sharding sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from polytrain.registry import Registry
+
+DATASETS: Registry = Registry("dataset")
+
+
+class DataError(ValueError):
+    """A dataset file is missing or corrupt, or a dataset argument is invalid (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset held in memory, already split into train and test.
+
+    Attributes:
+        name: registry name.
+        x_train: float32 samples (N_train, *in_shape), normalised with statistics of the train split.
+        y_train: int64 class labels (N_train,).
+        x_test: float32 samples (N_test, *in_shape), normalised like x_train.
+        y_test: int64 class labels (N_test,).
+        num_classes: number of classes.
+        synthetic: True when the data is generated noise rather than real samples.
+        source: where the data came from (package file, user path, generator).
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    synthetic: bool
+    source: str
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, without the batch dimension."""
+        return tuple(self.x_train.shape[1:])
+
+
+def load_dataset(name: str, *, seed: int = 0, test_fraction: float = 0.2, **kwargs) -> Dataset:
+    """Loads the registered dataset `name` with a fixed, seeded train/test split."""
+    return DATASETS.get(name)(seed=seed, test_fraction=test_fraction, **kwargs)
+
+
+# Imported last: each module registers its loaders in DATASETS, which must exist by then.
+from polytrain.data import bundled, cifar, imagefolder, mnist_idx, synthetic  # noqa: E402, F401

@@ -1,0 +1,79 @@
+"""Checkpoints with a checksum, written atomically and loaded without unpickling arbitrary objects."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from polytrain.train.io import atomic_write_bytes
+
+CHECKPOINT_NAME = "checkpoint.pt"
+# File layout: MAGIC, the SHA-256 of the payload as 64 hex digits, a newline, then the torch.save payload.
+_MAGIC = b"POLYTRAIN-CHECKPOINT-1\n"
+_DIGEST_LEN = 64
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupt or incompatible (one-line message)."""
+
+
+def checkpoint_path(directory: str | Path) -> Path:
+    """Where a run directory keeps its latest checkpoint."""
+    return Path(directory) / CHECKPOINT_NAME
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Saves `state` (tensors, numbers, strings, lists, dicts) atomically with its checksum."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    atomic_write_bytes(path, _MAGIC + digest + b"\n" + payload)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads a checkpoint after verifying its checksum; never unpickles arbitrary objects."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}: expected a file written by polytrain train --out") from None
+    header_len = len(_MAGIC) + _DIGEST_LEN + 1
+    if not data.startswith(_MAGIC) or len(data) < header_len:
+        raise CheckpointError(f"{path} is not a polytrain checkpoint (bad header; truncated or another format)")
+    digest, payload = data[len(_MAGIC):header_len - 1], data[header_len:]
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CheckpointError(f"corrupt checkpoint {path}: checksum mismatch (truncated or modified); not loaded")
+    try:
+        return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"cannot load checkpoint {path}: {first_line}") from None
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch, numpy and Python global RNG states in a form `weights_only` loading accepts."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores the RNG states saved by `rng_state`."""
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,58 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from polytrain.cli import main
+
+FAST = ["--dataset", "digits", "--model", "mlp", "--epochs", "1", "--set", "threads=1"]
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "polytrain", *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_list_prints_every_registry(capsys):
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["models", "datasets", "optimizers", "schedules", "strategies"]
+    assert "lenet5" in lines[0] and "mnist5k" in lines[1] and "cosine" in lines[3] and "local" in lines[4]
+
+
+def test_train_writes_results_and_flags_override_config(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('lr = 0.5\nbatch_size = 32\n[schedule_args]\n')
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--config", str(config), "--lr", "0.05", "--set", "batch_size=16",
+                 "--out", str(out)]) == 0
+    settings = json.loads((out / "result.json").read_text())["config"]
+    assert (settings["lr"], settings["batch_size"], settings["epochs"]) == (0.05, 16, 1)
+    assert "final test accuracy" in capsys.readouterr().out
+
+
+def test_resume_continues_a_run_from_the_cli(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--out", str(out)]) == 0
+    assert main(["train", "--resume", str(out), "--epochs", "2"]) == 0
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["epoch"] for row in rows] == [1, 2]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "resnet"], "unknown model 'resnet'; available: "),
+    (["train", "--dataset", "cifar10"], "dataset cifar10 needs path="),
+    (["train", "--set", "epochz=1"], "unknown setting 'epochz'; valid: "),
+    (["train", "--workers", "3", "--batch-size", "100"], "global batch 100 is not divisible by 3 workers"),
+    (["train", "--resume", "/nonexistent/run"], "no checkpoint at /nonexistent/run/checkpoint.pt"),
+])
+def test_bad_input_is_one_line_and_a_nonzero_exit(argv, message):
+    done = run_cli(*argv)
+    assert done.returncode == 2
+    assert done.stderr.startswith("polytrain: error: ") and message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_debug_shows_the_traceback():
+    done = run_cli("--debug", "train", "--model", "resnet")
+    assert done.returncode != 0 and "Traceback" in done.stderr

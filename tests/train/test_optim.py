@@ -1,0 +1,83 @@
+import math
+
+import pytest
+import torch
+
+from polytrain.config import ConfigError
+from polytrain.train.optim import OPTIMIZERS, build_optimizer, build_schedule
+
+
+def schedule(name, args=None, **kw):
+    settings = dict(lr=0.1, epochs=10, batch_size=32, warmup_epochs=0.0, lr_reference_batch=None)
+    settings.update(kw)
+    return build_schedule(name, args or {}, **settings)
+
+
+@pytest.mark.parametrize("name, torch_class, options", [
+    ("sgd", torch.optim.SGD, {"momentum": 0}), ("momentum", torch.optim.SGD, {"momentum": 0.9}),
+    ("nesterov", torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
+    ("adagrad", torch.optim.Adagrad, {}), ("rmsprop", torch.optim.RMSprop, {"alpha": 0.9}),
+    ("adam", torch.optim.Adam, {"betas": (0.9, 0.999)}), ("adamw", torch.optim.AdamW, {"betas": (0.9, 0.999)}),
+])
+def test_optimizer_steps_equal_torch_optims(name, torch_class, options):
+    torch.manual_seed(0)
+    ours, reference = torch.randn(5, requires_grad=True), None
+    reference = ours.detach().clone().requires_grad_(True)
+    opt_ours = build_optimizer(name, [ours], lr=0.01, momentum=0.9, weight_decay=1e-3)
+    opt_ref = torch_class([reference], lr=0.01, weight_decay=1e-3, **options)
+    for _ in range(3):
+        for param, opt in ((ours, opt_ours), (reference, opt_ref)):
+            opt.zero_grad()
+            (param ** 3).sum().backward()
+            opt.step()
+    assert torch.equal(ours, reference)
+    assert sorted(OPTIMIZERS.names()) == ["adagrad", "adam", "adamw", "momentum", "nesterov", "rmsprop", "sgd"]
+
+
+def test_step_schedule_decays_at_milestones():
+    s = schedule("step", {"milestones": [3, 6], "gamma": 0.5})
+    assert [s.lr_at(e, 0, 10) for e in (0, 2, 3, 5, 6, 9)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    assert s.lr_at(2, 9, 10) == pytest.approx(0.1)  # decays at the epoch boundary, not inside it
+
+
+def test_poly_schedule_is_firecaffes():
+    s = schedule("poly")  # power 0.5: lr0 * (1 - iter/max_iter) ** 0.5
+    assert s.lr_at(2, 5, 10) == pytest.approx(0.1 * (1 - 2.5 / 10) ** 0.5)
+    assert schedule("poly", {"power": 1.0}).lr_at(5, 0, 10) == pytest.approx(0.05)
+
+
+def test_cosine_schedule():
+    s = schedule("cosine")
+    assert s.lr_at(0, 0, 10) == pytest.approx(0.1)
+    assert s.lr_at(5, 0, 10) == pytest.approx(0.05)
+    assert s.lr_at(7, 5, 10) == pytest.approx(0.05 * (1 + math.cos(math.pi * 7.5 / 10)))
+
+
+def test_linear_scaling_rule_with_warmup_goyal():
+    # Goyal et al.: batch kn gets lr k*eta, reached by a linear ramp from eta over the warm-up.
+    s = schedule("constant", lr=0.1, batch_size=1024, lr_reference_batch=256, warmup_epochs=2)
+    assert s.peak_lr == pytest.approx(0.4)
+    steps = 10
+    assert s.lr_at(0, 0, steps) == pytest.approx(0.1 + 0.3 * (1 / steps) / 2)
+    assert s.lr_at(0, 9, steps) == pytest.approx(0.1 + 0.3 * 0.5)
+    assert s.lr_at(1, 9, steps) == pytest.approx(0.4)
+    assert s.lr_at(5, 3, steps) == pytest.approx(0.4)
+
+
+def test_warmup_without_scaling_ramps_from_zero():
+    s = schedule("cosine", warmup_epochs=1)
+    assert s.lr_at(0, 0, 4) == pytest.approx(0.1 * 0.25)
+    assert s.lr_at(0, 3, 4) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.75 / 10)))
+
+
+def test_batch_growth_replaces_decay_smith():
+    s = schedule("batchgrow", {"milestones": [2, 4, 6], "factor": 2, "max_growth": 4})
+    assert [s.batch_size_at(e) for e in range(8)] == [32, 32, 64, 64, 128, 128, 128, 128]
+    assert [s.lr_at(e, 0, 5) for e in (0, 3, 5, 6, 7)] == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05])
+
+
+def test_schedule_arguments_are_checked():
+    with pytest.raises(ConfigError, match="schedule step takes no argument 'gama'; valid: milestones, gamma"):
+        schedule("step", {"gama": 0.5})
+    with pytest.raises(ConfigError, match="schedule cosine takes no argument 'x'; valid: none"):
+        schedule("cosine", {"x": 1})
