@@ -32,6 +32,8 @@ class Experiment:
         model_args: metaparameters passed to the model builder (e.g. SqueezeNet's `sr`).
         dataset: dataset name.
         dataset_args: arguments of the dataset loader (e.g. `path` for user files).
+        augment_shift: translate training images by up to this many pixels (0: off).
+        augment_flip: mirror training images left-right with probability 1/2.
         test_fraction: share of samples held out for testing (datasets with an official split ignore it).
         workers: number of worker ranks.
         strategy: how workers cooperate (a registered strategy name).
@@ -60,6 +62,8 @@ class Experiment:
     dataset: str = "mnist5k"
     dataset_args: dict = field(default_factory=dict)
     test_fraction: float = 0.2
+    augment_shift: int | None = None
+    augment_flip: bool | None = None
     workers: int = 1
     strategy: str = "local"
     strategy_args: dict = field(default_factory=dict)

@@ -18,17 +18,26 @@ from polytrain.train.optim import OPTIMIZERS, SCHEDULES
 DEFAULT_MODEL = {"digits": "lenet5", "mnist5k": "lenet5", "mnist": "lenet5", "mnist1d": "gru",
                  "synthetic": "mlp", "cifar10": "resnet20", "cifar100": "resnet20", "imagefolder": "resnet18"}
 
-# Training settings per dataset: (epochs, global batch, optimizer, lr, weight decay, schedule).
+# Training settings per dataset. Image datasets get pad-and-crop shifts (digits are only 8 px wide: none);
+# CIFAR and photos also get mirroring, as in He et al. 2016. Sequences and synthetic data get none.
 _DATASET_DEFAULTS = {
-    "digits": dict(epochs=20, batch_size=32, optimizer="momentum", lr=0.02, weight_decay=5e-4, schedule="cosine"),
-    "mnist5k": dict(epochs=15, batch_size=64, optimizer="momentum", lr=0.05, weight_decay=5e-4, schedule="cosine"),
-    "mnist": dict(epochs=10, batch_size=128, optimizer="momentum", lr=0.05, weight_decay=5e-4, schedule="cosine"),
-    "mnist1d": dict(epochs=30, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, schedule="cosine"),
-    "synthetic": dict(epochs=2, batch_size=64, optimizer="momentum", lr=0.01, weight_decay=0.0, schedule="constant"),
-    # He et al. 2016 CIFAR recipe: lr 0.1, batch 128, wd 1e-4, decayed 10x twice.
-    "cifar10": dict(epochs=160, batch_size=128, optimizer="momentum", lr=0.1, weight_decay=1e-4, schedule="step"),
-    "cifar100": dict(epochs=160, batch_size=128, optimizer="momentum", lr=0.1, weight_decay=5e-4, schedule="step"),
-    "imagefolder": dict(epochs=30, batch_size=64, optimizer="momentum", lr=0.05, weight_decay=1e-4, schedule="cosine"),
+    "digits": dict(epochs=20, batch_size=32, optimizer="momentum", lr=0.02, weight_decay=5e-4, schedule="cosine",
+                   augment_shift=0, augment_flip=False),
+    "mnist5k": dict(epochs=20, batch_size=128, optimizer="momentum", lr=0.05, weight_decay=1e-3,
+                    schedule="cosine", augment_shift=2, augment_flip=False),
+    "mnist": dict(epochs=10, batch_size=128, optimizer="momentum", lr=0.05, weight_decay=5e-4, schedule="cosine",
+                  augment_shift=2, augment_flip=False),
+    "mnist1d": dict(epochs=30, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, schedule="cosine",
+                    augment_shift=0, augment_flip=False),
+    "synthetic": dict(epochs=2, batch_size=64, optimizer="momentum", lr=0.01, weight_decay=0.0,
+                      schedule="constant", augment_shift=0, augment_flip=False),
+    # He et al. 2016 CIFAR recipe: lr 0.1, batch 128, wd 1e-4, decayed 10x twice, 4-px shifts and mirroring.
+    "cifar10": dict(epochs=160, batch_size=128, optimizer="momentum", lr=0.1, weight_decay=1e-4, schedule="step",
+                    augment_shift=4, augment_flip=True),
+    "cifar100": dict(epochs=160, batch_size=128, optimizer="momentum", lr=0.1, weight_decay=5e-4,
+                     schedule="step", augment_shift=4, augment_flip=True),
+    "imagefolder": dict(epochs=30, batch_size=64, optimizer="momentum", lr=0.05, weight_decay=1e-4,
+                        schedule="cosine", augment_shift=4, augment_flip=True),
 }
 
 # Model families that want other settings than the dataset's (recurrent nets train best with Adam).
@@ -85,4 +94,5 @@ def validate(exp: Experiment) -> None:
     _check(exp.target_accuracy is None or 0 < exp.target_accuracy <= 1,
            f"target accuracy must be a fraction in (0, 1], got {exp.target_accuracy}")
     _check(exp.checkpoint_steps >= 0, f"checkpoint steps must be >= 0, got {exp.checkpoint_steps}")
+    _check(exp.augment_shift >= 0, f"augment shift must be >= 0 pixels, got {exp.augment_shift}")
     _check(exp.threads >= 1, f"threads must be at least 1, got {exp.threads}")

@@ -15,6 +15,7 @@ from torch import nn
 
 from polytrain.config import ConfigError, Experiment
 from polytrain.data import Dataset, load_dataset
+from polytrain.data.augment import augment_images, draw_augmentation
 from polytrain.data.sampler import ShardedBatchSampler
 from polytrain.models import build_model
 from polytrain.strategies import STRATEGIES, Strategy
@@ -106,6 +107,9 @@ class Trainer:
         torch.set_flush_denormal(True)
         self.data: Dataset = load_dataset(exp.dataset, seed=exp.seed, test_fraction=exp.test_fraction,
                                           **exp.dataset_args)
+        if (exp.augment_shift or exp.augment_flip) and len(self.data.in_shape) != 3:
+            raise ConfigError(f"augmentation needs image samples (C, H, W); dataset {exp.dataset} gives "
+                              f"{self.data.in_shape} (set augment_shift=0 and augment_flip=false)")
         torch.manual_seed(exp.seed)
         self.model = build_model(exp.model, self.data.num_classes, self.data.in_shape, **exp.model_args)
         self.optimizer = build_optimizer(exp.optimizer, self.model.parameters(), lr=exp.lr,
@@ -174,6 +178,7 @@ class Trainer:
         position, epoch = self.position, self.position.epoch
         sampler = self.sampler(epoch)
         steps = sampler.steps_per_epoch()
+        self.augmentation = self.draw_augmentation(epoch)
         for indices in sampler.epoch(epoch, start_step=position.step):
             started = time.perf_counter()
             lr = self.schedule.lr_at(epoch, position.step, steps)
@@ -188,12 +193,25 @@ class Trainer:
                 self.on_step(position.global_step)
         self.end_epoch(lr, sampler.global_batch_size, steps)
 
+    def draw_augmentation(self, epoch: int) -> torch.Tensor | None:
+        exp = self.exp
+        if not (exp.augment_shift or exp.augment_flip):
+            return None
+        return draw_augmentation(len(self.data.y_train), exp.augment_shift, exp.augment_flip, exp.seed, epoch)
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (augmented) training samples and labels at `indices`."""
+        x = self.data.x_train[indices]
+        if self.augmentation is not None:
+            x = augment_images(x, self.augmentation[indices], self.exp.augment_shift)
+        return x, self.data.y_train[indices]
+
     def train_step(self, indices: torch.Tensor, global_batch: int, lr: float) -> float:
         """The shared local step, the strategy's exchange, clipping and the optimizer update."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        x, y = self.data.x_train[indices], self.data.y_train[indices]
+        x, y = self.batch(indices)
         loss_sum, correct = local_step(self.model, x, y, self.exp.microbatches, global_batch)
         if not math.isfinite(loss_sum):
             self.diverged(loss_sum)

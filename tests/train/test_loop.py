@@ -53,8 +53,9 @@ def stop_at(step):
 
 @pytest.mark.parametrize("stop_step", [23, 30])  # mid-epoch (after the step-20 checkpoint) and epoch end
 def test_resumed_run_equals_uninterrupted(tmp_path, stop_step):
-    # 23 steps per epoch; dropout-free nets still consume RNG state through the data order per epoch.
-    exp = FAST.replace(model="lenet5", epochs=3, optimizer="momentum", checkpoint_steps=10)
+    # 23 steps per epoch; augmentation and data order change every epoch and must resume exactly.
+    exp = FAST.replace(model="lenet5", epochs=3, optimizer="momentum", checkpoint_steps=10, augment_shift=1,
+                       augment_flip=True)
     train(exp.replace(out=str(tmp_path / "whole")))
     with pytest.raises(Interrupt):
         train(exp.replace(out=str(tmp_path / "cut")), on_step=stop_at(stop_step))
@@ -128,6 +129,7 @@ def test_out_dir_holds_the_contract_files(tmp_path):
     (dict(optimizer="adamm"), "unknown optimizer 'adamm'; available: adagrad, adam, adamw, momentum"),
     (dict(warmup_epochs=5), "warm-up of 5.0 epochs must be >= 0 and shorter than the 2 epochs"),
     (dict(target_accuracy=97.0), r"target accuracy must be a fraction in \(0, 1\], got 97.0"),
+    (dict(dataset="mnist1d", augment_shift=2), r"augmentation needs image samples \(C, H, W\); dataset mnist1d"),
 ])
 def test_bad_settings_explain_themselves(changes, message):
     with pytest.raises(ValueError, match=message):
