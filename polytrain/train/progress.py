@@ -39,9 +39,8 @@ class SilentReporter:
 
 
 def _epoch_line(row: dict) -> str:
-    return (f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f}  test loss {row['test_loss']:.4f}  "
-            f"test acc {100 * row['test_accuracy']:6.2f}%  {row['samples_per_s']:8.0f} samples/s  "
-            f"{row['wall_s']:7.1f} s")
+    return (f"epoch {row['epoch']:>3}  loss {row['train_loss']:.4f} (test {row['test_loss']:.4f})  "
+            f"test acc {100 * row['test_accuracy']:6.2f}%  {row['samples_per_s']:6.0f} samples/s  {row['wall_s']:6.1f} s")
 
 
 class PlainReporter(SilentReporter):
@@ -72,7 +71,7 @@ class RichReporter(PlainReporter):
         self.task = None
 
     def start(self, description: str, epochs: int, first_epoch: int) -> None:
-        self.console.print(f"{description}: epochs {first_epoch + 1}..{epochs}")
+        self.console.print(f"{description}: epochs {first_epoch + 1}..{epochs}", highlight=False)
         self.progress.start()
         self.task = self.progress.add_task("epoch", total=None, loss=float("nan"))
 
@@ -81,7 +80,7 @@ class RichReporter(PlainReporter):
                              loss=loss)
 
     def epoch(self, row: dict) -> None:
-        self.progress.console.print(_epoch_line(row))
+        self.progress.console.print(_epoch_line(row), highlight=False)
 
     def close(self) -> None:
         self.progress.stop()

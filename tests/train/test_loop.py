@@ -134,3 +134,11 @@ def test_out_dir_holds_the_contract_files(tmp_path):
 def test_bad_settings_explain_themselves(changes, message):
     with pytest.raises(ValueError, match=message):
         train(FAST.replace(**changes))
+
+
+def test_top_level_api():
+    import polytrain
+    import polytrain.train.checkpoint  # submodules stay importable beside the train() function
+
+    result = polytrain.train(polytrain.Experiment(dataset="digits", model="mlp", epochs=1, threads=1))
+    assert isinstance(result, polytrain.Result) and result.config["dataset"] == "digits"
