@@ -56,3 +56,28 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(argv, message):
 def test_debug_shows_the_traceback():
     done = run_cli("--debug", "train", "--model", "resnet")
     assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    """A real interruption: SIGKILL the training process once it has checkpointed, then resume."""
+    import signal
+    import time
+
+    import torch
+
+    argv = ["train", "--dataset", "mnist5k", "--epochs", "4", "--set", "threads=1", "--set",
+            "checkpoint_steps=5"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "polytrain", *argv, "--out", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (killed / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert not (killed / "result.json").exists(), "the run finished before it could be interrupted"
+    assert main(["train", "--resume", str(killed)]) == 0
+    whole = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    resumed = torch.load(killed / "model.pt", weights_only=True)
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
