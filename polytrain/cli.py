@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from polytrain.config import Experiment, apply_overrides, load_toml, parse_assignments, parse_named
 from polytrain.data import DATASETS
+from polytrain.launch import WorkerFailed
 from polytrain.models import MODELS
 from polytrain.strategies import STRATEGIES
 from polytrain.train import TrainingDiverged, stored_experiment, train
@@ -18,7 +19,7 @@ from polytrain.train.progress import console_reporter
 # Flags that map one-to-one onto Experiment fields.
 _FIELD_FLAGS = {"model": str, "dataset": str, "workers": int, "epochs": int, "batch_size": int, "lr": float,
                 "optimizer": str, "schedule": str, "microbatches": int, "seed": int, "target_accuracy": float,
-                "out": str}
+                "precision": str, "out": str}
 
 REGISTRIES = {"models": MODELS, "datasets": DATASETS, "optimizers": OPTIMIZERS, "schedules": SCHEDULES,
               "strategies": STRATEGIES}
@@ -44,7 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train a CNN on real MNIST digits and print a results table")
     demo.add_argument("--epochs", type=int, default=None)
     demo.add_argument("--out", default=None, help="also keep the run's files here")
+    _add_bench_parsers(commands.add_parser("bench", help="benchmarks (ops: convolution algorithm finder)"))
+    _add_cost_flags(commands.add_parser("cost", help="parameters, arithmetic, memory, work and depth of a model"))
     return parser
+
+
+def _add_bench_parsers(bench: argparse.ArgumentParser) -> None:
+    """`polytrain bench KIND ...`: one sub-subcommand per benchmark, each with an entry in BENCH_COMMANDS."""
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    ops = kinds.add_parser("ops", help="time every convolution algorithm on each convolution of a model")
+    ops.add_argument("model")
+    ops.add_argument("--input-shape", default="3,32,32", help="C,H,W of one sample (default 3,32,32)")
+    ops.add_argument("--num-classes", type=int, default=10)
+    ops.add_argument("--batch-size", type=int, default=1)
+    ops.add_argument("--repeats", type=int, default=11, help="timed runs per algorithm and layer")
+    ops.add_argument("--warmup", type=int, default=2, help="untimed runs per algorithm and layer first")
+    ops.add_argument("--forward-only", action="store_true", help="time the forward pass alone")
+    ops.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ops.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,7 +105,43 @@ def command_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": command_train, "list": command_list, "demo": command_demo}
+def command_bench_ops(args: argparse.Namespace) -> int:
+    from polytrain.bench.ops import parse_input_shape, run_bench_ops
+
+    run_bench_ops(args.model, parse_input_shape(args.input_shape), args.num_classes, args.batch_size,
+                  args.repeats, args.warmup, forward_only=args.forward_only, threads=args.threads,
+                  as_json=args.json)
+    return 0
+
+
+BENCH_COMMANDS = {"ops": command_bench_ops}
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    return BENCH_COMMANDS[args.bench_command](args)
+
+
+def _add_cost_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model")
+    parser.add_argument("--input-shape", default=None, metavar="C,H,W", help="one sample (default: the model's own)")
+    parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=1, help="for activation bytes, memory, work and depth")
+    parser.add_argument("--optimizer", default="momentum", help="whose state to count (default momentum)")
+    parser.add_argument("--dtype", default="float32", help="float32, float16, bfloat16 or float64")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a model metaparameter")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def command_cost(args: argparse.Namespace) -> int:
+    from polytrain.cost.report import run_cost
+
+    run_cost(args.model, args.input_shape, args.num_classes, args.batch_size, parse_assignments(args.set),
+             args.optimizer, args.dtype, as_json=args.json, out=sys.stdout)
+    return 0
+
+
+COMMANDS = {"train": command_train, "list": command_list, "demo": command_demo, "bench": command_bench,
+            "cost": command_cost}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,8 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"polytrain: error: {error}", file=sys.stderr)
         return 2
-    except TrainingDiverged as error:
+    except (TrainingDiverged, WorkerFailed) as error:
         if args.debug:
+            print(getattr(error, "worker_traceback", ""), file=sys.stderr)
             raise
         print(f"polytrain: error: {error}", file=sys.stderr)
         return 1

@@ -49,11 +49,15 @@ class Experiment:
         warmup_epochs: linear learning-rate warm-up length in epochs (Goyal et al. 2017).
         lr_reference_batch: when set, `lr` is scaled by batch_size / lr_reference_batch (linear scaling rule).
         grad_clip: clip the global gradient norm to this value.
+        precision: number format the weights are stored in after every step: fp32, fp16, bf16 or
+            fixed:IL.FL (Gupta et al. 2015).
+        rounding: how weights are rounded to `precision`: stochastic or nearest.
         microbatches: split each worker's batch into this many microbatches (gradient accumulation).
         seed: seed of weights, data order and split.
         target_accuracy: test accuracy in [0, 1] for time-to-accuracy.
         checkpoint_steps: also checkpoint every this many steps (0: only at the end of each epoch).
         threads: torch threads per worker (None: the machine's cores divided by the workers).
+        timeout_s: the longest any communication may wait for a peer before the run fails.
         out: directory for result.json, metrics.jsonl, model.pt and checkpoints.
     """
 
@@ -78,11 +82,14 @@ class Experiment:
     warmup_epochs: float = 0.0
     lr_reference_batch: int | None = None
     grad_clip: float | None = None
+    precision: str = "fp32"
+    rounding: str = "stochastic"
     microbatches: int = 1
     seed: int = 0
     target_accuracy: float | None = None
     checkpoint_steps: int = 0
     threads: int | None = None
+    timeout_s: float = 60.0
     out: str | None = None
 
     def replace(self, **changes: Any) -> "Experiment":

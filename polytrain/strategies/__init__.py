@@ -1,13 +1,16 @@
 """How workers cooperate: a communication policy around the shared local step.
 
 The training loop (polytrain.train) runs the local step (forward, backward, microbatches, clipping)
-once for every strategy; a strategy only decides what to exchange, with whom and when.
+once for every strategy; a strategy only decides what to exchange, with whom and when. A strategy is
+built as `STRATEGIES.get(name)(comm, **strategy_args)`, where `comm` is the rank's Communicator (None for
+a single process).
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import nn
 
 from polytrain.registry import Registry
@@ -18,11 +21,39 @@ STRATEGIES: Registry = Registry("strategy")
 class Strategy(Protocol):
     """The communication policy of a training run."""
 
+    parallel: bool
+    rank: int
+    world_size: int
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Adapts the model once, before the optimizer is built (e.g. hooks, synchronized batch norm)."""
+
+    def before_backward(self, last_microbatch: bool) -> None:
+        """Called before each microbatch's backward; gradients are complete after the last one."""
+
     def after_backward(self, model: nn.Module) -> None:
         """Called once the local gradients of a step are complete, before clipping and the optimizer step."""
 
-    def comm_stats(self) -> dict:
-        """Bytes and messages this rank has sent and received (the result.json `comm` section)."""
+    def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Sums a small tensor of metrics over all ranks (e.g. evaluation counts)."""
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Makes buffers such as batch-norm running statistics equal on all ranks (before evaluation)."""
+
+    def comm_stats(self, steps: int) -> dict:
+        """The result.json `comm` section: rank 0's counts, per-step bytes and every rank's counts."""
+
+    def close(self) -> None:
+        """Releases threads and hooks."""
+
+
+def comm_section(per_rank: list[dict], steps: int) -> dict:
+    """Builds the result.json `comm` section from every rank's CommStats.as_dict()."""
+    rank0 = per_rank[0]
+    return {"bytes_sent": rank0["bytes_sent"], "bytes_received": rank0["bytes_received"],
+            "messages": rank0["messages_sent"], "bytes_sent_per_step": rank0["bytes_sent"] / max(1, steps),
+            "estimated": any(stats["estimated"] for stats in per_rank),
+            "per_rank": [{"rank": rank, **stats} for rank, stats in enumerate(per_rank)]}
 
 
 @STRATEGIES.register("local")
@@ -30,15 +61,36 @@ class Local:
     """One worker, no communication: the single-worker baseline every parallel strategy is measured against."""
 
     parallel = False
+    rank = 0
+    world_size = 1
 
-    def __init__(self, world_size: int = 1) -> None:
-        self.world_size = world_size
+    def __init__(self, comm: None = None) -> None:
+        if comm is not None and comm.world_size > 1:
+            raise ValueError(f"strategy local runs one worker; got {comm.world_size} ranks")
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def before_backward(self, last_microbatch: bool) -> None:
+        """Nothing to exchange."""
 
     def after_backward(self, model: nn.Module) -> None:
         """Nothing to exchange: the local gradient is the global one."""
 
-    def comm_stats(self) -> dict:
+    def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """One rank's buffers are the buffers."""
+
+    def comm_stats(self, steps: int) -> dict:
         """A single worker sends nothing."""
-        rank0 = {"rank": 0, "bytes_sent": 0, "bytes_received": 0, "messages": 0}
-        return {"bytes_sent": 0, "bytes_received": 0, "messages": 0, "bytes_sent_per_step": 0.0,
-                "per_rank": [rank0]}
+        zero = {"bytes_sent": 0, "bytes_received": 0, "messages_sent": 0, "messages_received": 0,
+                "estimated": False, "by_operation": {}}
+        return comm_section([zero], steps)
+
+    def close(self) -> None:
+        pass
+
+
+from polytrain.strategies import allreduce  # noqa: E402,F401  (registers the parallel strategies)

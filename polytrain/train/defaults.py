@@ -11,6 +11,7 @@ import os
 from polytrain.config import ConfigError, Experiment
 from polytrain.data import DATASETS
 from polytrain.models import MODELS
+from polytrain.ops.precision import ROUNDING_MODES, parse_format
 from polytrain.strategies import STRATEGIES
 from polytrain.train.optim import OPTIMIZERS, SCHEDULES
 
@@ -98,4 +99,7 @@ def validate(exp: Experiment) -> None:
            f"target accuracy must be a fraction in (0, 1], got {exp.target_accuracy}")
     _check(exp.checkpoint_steps >= 0, f"checkpoint steps must be >= 0, got {exp.checkpoint_steps}")
     _check(exp.augment_shift >= 0, f"augment shift must be >= 0 pixels, got {exp.augment_shift}")
+    parse_format(exp.precision)
+    _check(exp.rounding in ROUNDING_MODES, f"unknown rounding '{exp.rounding}'; expected {' or '.join(ROUNDING_MODES)}")
+    _check(exp.timeout_s > 0, f"timeout must be positive seconds, got {exp.timeout_s}")
     _check(exp.threads >= 1, f"threads must be at least 1, got {exp.threads}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polytrain.comm import Communicator
 from polytrain.config import ConfigError, Experiment
 from polytrain.data import Dataset, load_dataset
 from polytrain.data.augment import augment_images, draw_augmentation
 from polytrain.data.sampler import ShardedBatchSampler
+from polytrain.launch import init_from_torchrun, run_workers, under_torchrun
 from polytrain.models import build_model
+from polytrain.ops.precision import parse_format, quantize_parameters_, rounding_generator
 from polytrain.strategies import STRATEGIES, Strategy
 from polytrain.train.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, rng_state,
                                         save_checkpoint, set_rng_state)
@@ -25,12 +30,12 @@ from polytrain.train.defaults import resolve
 from polytrain.train.environment import environment
 from polytrain.train.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from polytrain.train.optim import Schedule, build_optimizer, build_schedule
-from polytrain.train.progress import Reporter, SilentReporter
+from polytrain.train.progress import Reporter, SilentReporter, console_reporter
 from polytrain.train.result import Result
 
 EVAL_BATCH = 1024
 # Settings that may differ when resuming: they do not change what has been computed so far.
-RESUMABLE_CHANGES = ("epochs", "out", "target_accuracy", "checkpoint_steps", "threads")
+RESUMABLE_CHANGES = ("epochs", "out", "target_accuracy", "checkpoint_steps", "threads", "timeout_s")
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,20 +64,26 @@ class _Position:
     totals: _EpochTotals = field(default_factory=_EpochTotals)
 
 
-def local_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatches: int,
-               global_batch: int) -> tuple[float, int]:
+def local_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatches: int, global_batch: int,
+               before_backward: Callable[[bool], None] | None = None) -> tuple[float, int]:
     """Forward and backward of one worker's batch, accumulating gradients over microbatches.
 
     Each microbatch's summed loss is divided by the global batch size, so the accumulated gradient equals
     that of the full batch's mean loss, and summing the workers' gradients gives the global mean.
 
+    Args:
+        before_backward: called with `last_microbatch` before each backward (strategies hook in here).
+
     Returns:
         The summed loss of the batch and the number of correct predictions.
     """
     loss_sum, correct = 0.0, 0
-    for x_micro, y_micro in zip(x.tensor_split(microbatches), y.tensor_split(microbatches)):
+    pieces = list(zip(x.tensor_split(microbatches), y.tensor_split(microbatches)))
+    for index, (x_micro, y_micro) in enumerate(pieces):
         logits = model(x_micro)
         loss = F.cross_entropy(logits, y_micro, reduction="sum")
+        if before_backward is not None:
+            before_backward(index == len(pieces) - 1)
         (loss / global_batch).backward()
         loss_sum += loss.item()
         correct += int((logits.argmax(dim=1) == y_micro).sum())
@@ -80,8 +91,8 @@ def local_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatches:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Mean loss and accuracy of `model` on (x, y), in eval mode."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """Summed loss and number of correct predictions of `model` on (x, y), in eval mode."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
@@ -91,13 +102,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
         loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
         correct += int((logits.argmax(dim=1) == target).sum())
     model.train(was_training)
-    return loss_sum / len(x), correct / len(x)
+    return loss_sum, correct
 
 
 class Trainer:
     """One training run of a resolved Experiment on this process."""
 
-    def __init__(self, exp: Experiment, reporter: Reporter, on_step: Callable[[int], None] | None) -> None:
+    def __init__(self, exp: Experiment, reporter: Reporter, on_step: Callable[[int], None] | None,
+                 comm: Communicator | None = None) -> None:
         self.exp = exp
         self.reporter = reporter
         self.on_step = on_step
@@ -111,14 +123,17 @@ class Trainer:
             raise ConfigError(f"augmentation needs image samples (C, H, W); dataset {exp.dataset} gives "
                               f"{self.data.in_shape} (set augment_shift=0 and augment_flip=false)")
         torch.manual_seed(exp.seed)
-        self.model = build_model(exp.model, self.data.num_classes, self.data.in_shape, **exp.model_args)
+        self.strategy: Strategy = STRATEGIES.get(exp.strategy)(comm, **exp.strategy_args)
+        self.rank = self.strategy.rank
+        model = build_model(exp.model, self.data.num_classes, self.data.in_shape, **exp.model_args)
+        self.model = self.strategy.prepare(model)
+        self.number_format = parse_format(exp.precision)
+        quantize_parameters_(self.model, self.number_format, "nearest")  # stored in the format from step 0
         self.optimizer = build_optimizer(exp.optimizer, self.model.parameters(), lr=exp.lr,
                                          momentum=exp.momentum, weight_decay=exp.weight_decay)
         self.schedule: Schedule = build_schedule(exp.schedule, exp.schedule_args, lr=exp.lr, epochs=exp.epochs,
                                                  batch_size=exp.batch_size, warmup_epochs=exp.warmup_epochs,
                                                  lr_reference_batch=exp.lr_reference_batch)
-        self.strategy: Strategy = STRATEGIES.get(exp.strategy)(**exp.strategy_args)
-        self.rank = getattr(self.strategy, "rank", 0)
         self.position = _Position()
         self.out = Path(exp.out) if exp.out else None
 
@@ -166,9 +181,10 @@ class Trainer:
         try:
             while self.position.epoch < self.exp.epochs:
                 self.train_epoch()
+            return self.finish()
         finally:
             self.reporter.close()
-        return self.finish()
+            self.strategy.close()
 
     def sampler(self, epoch: int) -> ShardedBatchSampler:
         return ShardedBatchSampler(len(self.data.y_train), self.schedule.batch_size_at(epoch),
@@ -212,13 +228,16 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         x, y = self.batch(indices)
-        loss_sum, correct = local_step(self.model, x, y, self.exp.microbatches, global_batch)
+        loss_sum, correct = local_step(self.model, x, y, self.exp.microbatches, global_batch,
+                                       self.strategy.before_backward)
         if not math.isfinite(loss_sum):
             self.diverged(loss_sum)
         self.strategy.after_backward(self.model)
         if self.exp.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.exp.grad_clip)
         self.optimizer.step()
+        quantize_parameters_(self.model, self.number_format, self.exp.rounding,
+                             rounding_generator(self.exp.seed, self.position.global_step))
         totals = self.position.totals
         totals.loss_sum += loss_sum
         totals.correct += correct
@@ -232,10 +251,19 @@ class Trainer:
         raise TrainingDiverged(f"loss is {loss} at step {position.global_step + 1} (epoch {position.epoch + 1}, "
                                f"step {position.step + 1} of the epoch); training stopped; {kept}")
 
+    def evaluate(self) -> tuple[float, float]:
+        """Mean test loss and accuracy; each rank evaluates its share of the test split."""
+        world, data = self.strategy.world_size, self.data
+        self.strategy.sync_buffers(self.model)
+        x, y = data.x_test.tensor_split(world)[self.rank], data.y_test.tensor_split(world)[self.rank]
+        loss_sum, correct = evaluate(self.model, x, y)
+        totals = self.strategy.sum_across_ranks(torch.tensor([loss_sum, float(correct)], dtype=torch.float64))
+        return totals[0].item() / len(data.y_test), totals[1].item() / len(data.y_test)
+
     def end_epoch(self, lr: float, batch_size: int, steps: int) -> None:
         position, totals = self.position, self.position.totals
         eval_started = time.perf_counter()
-        test_loss, test_accuracy = evaluate(self.model, self.data.x_test, self.data.y_test)
+        test_loss, test_accuracy = self.evaluate()
         row = {
             "epoch": position.epoch + 1,
             "train_loss": totals.loss_sum / max(1, totals.samples),
@@ -259,7 +287,7 @@ class Trainer:
         self.save()
 
     def finish(self) -> Result:
-        result = Result.from_history(self.exp, self.position.history, comm=self.strategy.comm_stats(),
+        result = Result.from_history(self.exp, self.position.history, comm=self.strategy.comm_stats(self.position.global_step),
                                      steps=self.position.global_step, data=self.data,
                                      environment=environment(self.exp.seed))
         if self.out is not None and self.rank == 0:
@@ -283,30 +311,68 @@ def stored_experiment(directory: str | Path) -> Experiment:
     return Experiment(**load_checkpoint(checkpoint_path(directory))["config"])
 
 
+def _resume_state(exp: Experiment, resume: str | Path | None) -> dict | None:
+    """The checkpoint to continue from, checked against `exp`; refuses to overwrite another run."""
+    if resume is None:
+        if exp.out is not None and checkpoint_path(exp.out).exists():
+            raise ConfigError(f"{exp.out} already holds a run ({checkpoint_path(exp.out).name}); "
+                              f"continue it with --resume {exp.out} or choose another --out")
+        return None
+    state = load_checkpoint(checkpoint_path(resume))
+    _check_resumable(exp, Experiment(**state["config"]), Path(resume))
+    return state
+
+
+def _run(exp: Experiment, state: dict | None, reporter: Reporter, on_step, comm: Communicator | None) -> Result:
+    trainer = Trainer(exp, reporter, on_step, comm)
+    if state is not None:
+        trainer.restore(state)
+    return trainer.run()
+
+
+def _train_rank(comm: Communicator, exp: Experiment, resume: str | None, report: bool) -> Result | None:
+    """One spawned rank of a multi-worker run; rank 0 returns the Result."""
+    state = load_checkpoint(checkpoint_path(resume)) if resume is not None else None
+    reporter = console_reporter(sys.stdout) if report and comm.rank == 0 else SilentReporter()
+    result = _run(exp, state, reporter, None, comm)
+    return result if comm.rank == 0 else None
+
+
+def _with_torchrun_world(exp: Experiment) -> Experiment:
+    """Under torchrun the world size comes from its environment; an explicit other --workers is an error."""
+    world_size = int(os.environ["WORLD_SIZE"])
+    if exp.workers not in (1, world_size):
+        raise ConfigError(f"--workers {exp.workers} does not match torchrun's WORLD_SIZE={world_size}")
+    return exp.replace(workers=world_size)
+
+
 def train(exp: Experiment, *, resume: str | Path | None = None, reporter: Reporter | None = None,
           on_step: Callable[[int], None] | None = None) -> Result:
-    """Trains `exp` on this process and returns its Result; writes the contract files when `exp.out` is set.
+    """Trains `exp` and returns its Result (rank 0's); writes the contract files when `exp.out` is set.
+
+    With `workers` above 1, spawns that many local worker processes, or, when started by torchrun, runs
+    this process as the rank torchrun's environment names.
 
     Args:
         exp: the experiment; None settings take the defaults of its model and dataset.
         resume: a run directory whose checkpoint to continue from (the settings must match it, except
             those in RESUMABLE_CHANGES).
-        reporter: progress output (default: none).
-        on_step: called with the global step number after every optimizer step (and its checkpoint).
+        reporter: progress output (default: none; spawned workers report on rank 0's console instead).
+        on_step: called with the global step number after every optimizer step (and its checkpoint);
+            single-process runs only.
     """
-    exp = resolve(exp)
-    state = None
-    if resume is not None:
-        resume = Path(resume)
-        state = load_checkpoint(checkpoint_path(resume))
-        _check_resumable(exp, Experiment(**state["config"]), resume)
-    elif exp.out is not None and checkpoint_path(exp.out).exists():
-        raise ConfigError(f"{exp.out} already holds a run ({checkpoint_path(exp.out).name}); "
-                          f"continue it with --resume {exp.out} or choose another --out")
-    trainer = Trainer(exp, reporter or SilentReporter(), on_step)
-    if state is not None:
-        trainer.restore(state)
-    return trainer.run()
+    torchrun = under_torchrun()
+    exp = resolve(_with_torchrun_world(exp) if torchrun else exp)
+    state = _resume_state(exp, resume)
+    if exp.workers > 1 and not torchrun:
+        if on_step is not None:
+            raise ConfigError("on_step callbacks need a single process; spawned workers cannot call back")
+        resume_dir = str(resume) if resume is not None else None
+        results = run_workers(_train_rank, exp.workers, (exp, resume_dir, reporter is not None),
+                              threads=exp.threads, backend="gloo", timeout_s=exp.timeout_s)
+        return results[0]
+    comm = init_from_torchrun(exp.timeout_s, backend="gloo") if torchrun else None
+    return _run(exp, state, reporter or SilentReporter(), on_step, comm)
 
 
 __all__ = ["train", "Trainer", "TrainingDiverged", "CheckpointError", "local_step", "evaluate",

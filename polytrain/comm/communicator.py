@@ -1,0 +1,120 @@
+"""The one communicator every strategy talks through: torch.distributed, with every byte counted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class CommError(RuntimeError):
+    """A collective or point-to-point transfer failed or timed out (a peer died or hung)."""
+
+
+@dataclass
+class CommStats:
+    """What one rank sent and received, counted at the call (payload bytes, not protocol overhead)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    # True once a backend collective (e.g. gloo's own allreduce) was used: polytrain cannot see its
+    # traffic and counts it from the backend's algorithm, so the totals are partly estimates.
+    estimated: bool = False
+    by_operation: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "messages_sent": self.messages_sent, "messages_received": self.messages_received,
+                "estimated": self.estimated, "by_operation": dict(self.by_operation)}
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class Communicator:
+    """Point-to-point and collective operations over a torch.distributed process group, counted per rank.
+
+    Collective algorithms (polytrain.comm.algorithms) are written on `exchange`, `send` and `recv`, so
+    the counts are exact. `native_all_reduce` calls the backend's own allreduce; its bytes are estimated
+    from the ring algorithm gloo and NCCL use for large messages and reported as estimated.
+
+    Args:
+        group: the process group (default: the world).
+        timeout_s: the longest any single operation may wait for a peer.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.timeout = timedelta(seconds=timeout_s)
+        self.stats = CommStats()
+
+    def _count(self, operation: str, sent: int, received: int, messages_sent: int, messages_received: int) -> None:
+        stats = self.stats
+        stats.bytes_sent += sent
+        stats.bytes_received += received
+        stats.messages_sent += messages_sent
+        stats.messages_received += messages_received
+        stats.by_operation[operation] = stats.by_operation.get(operation, 0) + sent
+
+    def _wait(self, works: list, what: str) -> None:
+        for work in works:
+            try:
+                if not work.wait(self.timeout):
+                    raise CommError(f"rank {self.rank}: {what} timed out after {self.timeout.total_seconds():.0f} s")
+            except RuntimeError as error:
+                if isinstance(error, CommError):
+                    raise
+                raise CommError(f"rank {self.rank}: {what} failed: {str(error).splitlines()[0]}") from None
+
+    def _global(self, peer: int) -> int:
+        return peer if self.group is None else dist.get_global_rank(self.group, peer)
+
+    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+                 operation: str = "p2p") -> None:
+        """Posts all sends and receives at once and waits for them (deadlock-free pairwise exchange).
+
+        Args:
+            sends: (tensor, destination rank) pairs; tensors must be contiguous.
+            recvs: (buffer, source rank) pairs, filled in place.
+            operation: label under which the bytes are counted.
+        """
+        ops = [dist.P2POp(dist.isend, tensor, self._global(peer), self.group) for tensor, peer in sends]
+        ops += [dist.P2POp(dist.irecv, buffer, self._global(peer), self.group) for buffer, peer in recvs]
+        if not ops:
+            return
+        self._wait(dist.batch_isend_irecv(ops), f"{operation} with ranks {sorted({p for _, p in sends + recvs})}")
+        self._count(operation, sum(_nbytes(t) for t, _ in sends), sum(_nbytes(b) for b, _ in recvs),
+                    len(sends), len(recvs))
+
+    def send(self, tensor: torch.Tensor, dst: int, operation: str = "p2p") -> None:
+        """Sends `tensor` to rank `dst` and waits until it has been handed over."""
+        self.exchange([(tensor, dst)], [], operation)
+
+    def recv(self, buffer: torch.Tensor, src: int, operation: str = "p2p") -> None:
+        """Receives from rank `src` into `buffer`."""
+        self.exchange([], [(buffer, src)], operation)
+
+    def native_all_reduce(self, tensor: torch.Tensor, async_op: bool = False):
+        """The backend's own sum-allreduce; bytes are estimated as ring allreduce, 2(p-1)/p * n per rank."""
+        p = self.world_size
+        estimate = 2 * (p - 1) * _nbytes(tensor) // p  # Patarasuk & Yuan 2009: ring reduce-scatter + allgather
+        self._count("native_all_reduce", estimate, estimate, 2 * (p - 1), 2 * (p - 1))
+        self.stats.estimated = True
+        work = dist.all_reduce(tensor, group=self.group, async_op=True)
+        if async_op:
+            return work
+        self._wait([work], "native allreduce")
+        return None
+
+    def barrier(self) -> None:
+        """Waits for every rank (a zero-byte native collective, not counted)."""
+        self._wait([dist.barrier(group=self.group, async_op=True)], "barrier")

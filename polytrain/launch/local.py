@@ -1,0 +1,163 @@
+"""Local worker processes, and the torchrun environment, for running a function on every rank."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from polytrain.comm import DEFAULT_TIMEOUT_S, Communicator
+
+# How long the parent waits, once a rank has failed, for the others to report their own error before
+# it terminates them.
+FAILURE_GRACE_S = 2.0
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class WorkerFailed(RuntimeError):
+    """A rank raised or died; the message names the rank and what happened to it.
+
+    Attributes:
+        worker_traceback: the failed rank's traceback, when it could report one (shown by --debug).
+    """
+
+    def __init__(self, message: str, worker_traceback: str = "") -> None:
+        super().__init__(message)
+        self.worker_traceback = worker_traceback
+
+
+def under_torchrun() -> bool:
+    """Whether this process was started by torchrun (or any launcher setting its environment)."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def default_backend() -> str:
+    """nccl when this process can own a GPU, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_from_torchrun(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> Communicator:
+    """Joins the process group described by torchrun's environment and returns its Communicator."""
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return Communicator(timeout_s=timeout_s)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _worker(rank: int, world_size: int, store_port: int, backend: str, threads: int, timeout_s: float,
+            results: mp.Queue, fn: Callable[..., Any], args: tuple) -> None:
+    """Body of one spawned rank: join the group, run `fn(comm, *args)`, report the outcome."""
+    torch.set_num_threads(threads)
+    try:
+        store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False,
+                              timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+        value = fn(Communicator(timeout_s=timeout_s), *args)
+        # Plain pickle copies tensors into the message; the queue's own pickler would share their storage
+        # through file descriptors that vanish when this process exits.
+        results.put(("ok", rank, pickle.dumps(value)))
+    except BaseException as error:  # report every failure, including KeyboardInterrupt, to the parent
+        results.put(("error", rank, _one_line(error), traceback.format_exc()))
+        raise SystemExit(1) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
+def run_workers(fn: Callable[..., Any], world_size: int, args: tuple = (), *, threads: int | None = None,
+                backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+    """Runs `fn(comm, *args)` on `world_size` new local processes and returns each rank's return value.
+
+    The parent holds the rendezvous store on a free port, so no port has to be guessed. When a rank raises
+    or dies, the others are given FAILURE_GRACE_S to report and are then terminated, and WorkerFailed names
+    the first rank that failed. `fn` and `args` must be picklable (module-level functions).
+
+    Args:
+        fn: the work of one rank; receives this rank's Communicator first.
+        world_size: number of ranks.
+        args: further arguments of `fn`.
+        threads: torch threads per rank (default: the cores divided by the ranks, at least 1).
+        backend: torch.distributed backend (default: nccl with GPUs, else gloo).
+        timeout_s: the longest any collective may wait, and the deadline for joining.
+    """
+    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout_s))
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_worker, daemon=True,
+                                 args=(rank, world_size, store.port, backend or default_backend(), threads,
+                                       timeout_s, results, fn, args))
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    try:
+        return _collect(processes, results)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+            process.join(timeout=10)
+        del store
+
+
+def _collect(processes: list, results: mp.Queue) -> list[Any]:
+    """Waits for every rank's outcome; raises WorkerFailed naming the rank that failed first.
+
+    A rank that died without a word (killed, crashed) is named before ranks that reported an error,
+    since those errors are usually the others noticing the dead peer.
+    """
+    values: dict[int, Any] = {}
+    reported: dict[int, str] = {}
+    tracebacks: dict[int, str] = {}
+    died: dict[int, str] = {}
+    first_failure_at: float | None = None
+    while len(values) < len(processes):
+        try:
+            outcome = results.get(timeout=0.1)
+        except queue.Empty:
+            outcome = None
+        if outcome is not None and outcome[0] == "ok":
+            values[outcome[1]] = pickle.loads(outcome[2])
+        elif outcome is not None:
+            reported.setdefault(outcome[1], outcome[2])
+            tracebacks.setdefault(outcome[1], outcome[3])
+        for rank, process in enumerate(processes):
+            if rank not in values and rank not in reported and process.exitcode not in (None, 0):
+                died.setdefault(rank, _exit_reason(process.exitcode))
+        if (reported or died) and first_failure_at is None:
+            first_failure_at = time.monotonic()
+        if first_failure_at is not None and time.monotonic() - first_failure_at > FAILURE_GRACE_S:
+            rank, message = _first_failure(reported, died)
+            raise WorkerFailed(message, tracebacks.get(rank, ""))
+    return [values[rank] for rank in range(len(processes))]
+
+
+def _first_failure(reported: dict[int, str], died: dict[int, str]) -> tuple[int, str]:
+    if died:
+        rank = min(died)
+        return rank, f"rank {rank} {died[rank]}; the other ranks were stopped"
+    rank = next(iter(reported))
+    return rank, f"rank {rank} failed: {reported[rank]}; the other ranks were stopped"

@@ -1,0 +1,173 @@
+"""Synchronous data parallelism: gradients summed by a selectable allreduce algorithm, overlapped with backward."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from polytrain.comm import Communicator
+from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
+from polytrain.strategies import STRATEGIES, comm_section
+from polytrain.strategies.syncbn import convert_sync_batchnorm
+
+MB = 1 << 20
+
+
+@dataclass
+class _Bucket:
+    """Parameters whose gradients are reduced together in one flat buffer."""
+
+    params: list[nn.Parameter]
+    ready: int = 0
+    future: Future | None = None
+    flat: torch.Tensor | None = field(default=None, repr=False)
+
+
+class CommQueue:
+    """Runs every collective of a rank on one background thread, in submission order.
+
+    One thread keeps the order of collectives identical on every rank (they are submitted in the same
+    order), lets reductions overlap the rest of the backward pass, and keeps gradient buckets and
+    synchronized batch norm from issuing transfers concurrently.
+    """
+
+    def __init__(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polytrain-comm")
+
+    def submit(self, fn, *args) -> Future:
+        return self.executor.submit(fn, *args)
+
+    def run(self, fn, *args):
+        """Runs `fn(*args)` on the communication thread and waits for its result."""
+        return self.submit(fn, *args).result()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+@STRATEGIES.register("allreduce")
+class AllReduce:
+    """Synchronous SGD over data parallelism (Ben-Nun & Hoefler 2019, sec. 5.1 / 6.1).
+
+    Each rank computes the gradient of its share of the global batch, scaled by 1/global batch, and the
+    ranks sum the gradients with the chosen algorithm, so every rank applies the same global-mean gradient
+    and the run equals one worker with the same global batch. Gradients are grouped into buckets of
+    `bucket_mb` (in reverse registration order, roughly the order backward produces them); a bucket is
+    reduced on the communication thread as soon as its last gradient is accumulated, overlapping the rest
+    of the backward pass, as in PyTorch DDP (Li et al., VLDB 2020).
+
+    Args:
+        comm: this rank's communicator.
+        algorithm: allreduce algorithm name (central, tree, butterfly, ring, rabenseifner, native).
+        bucket_mb: bucket size in MiB.
+        sync_bn: synchronize batch-norm statistics over all ranks (default: local statistics).
+        overlap: launch bucket reductions during backward (else all after backward).
+    """
+
+    parallel = True
+
+    def __init__(self, comm: Communicator, algorithm: str = "native", bucket_mb: float = 25.0,
+                 sync_bn: bool = False, overlap: bool = True) -> None:
+        if bucket_mb <= 0:
+            raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
+        self.comm = comm
+        self.rank, self.world_size = comm.rank, comm.world_size
+        self.algorithm = ALLREDUCE_ALGORITHMS.get(algorithm)
+        self.bucket_bytes = int(bucket_mb * MB)
+        self.sync_bn = sync_bn
+        self.overlap = overlap
+        self.queue = CommQueue()
+        self.buckets: list[_Bucket] = []
+        self.last_microbatch = True
+        self.hooks: list = []
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if self.sync_bn:
+            model = convert_sync_batchnorm(model, self.sum_across_ranks)
+        self.buckets = self._make_buckets([p for p in model.parameters() if p.requires_grad])
+        if self.overlap:
+            for bucket in self.buckets:
+                for param in bucket.params:
+                    self.hooks.append(param.register_post_accumulate_grad_hook(self._hook(bucket)))
+        return model
+
+    def _make_buckets(self, params: list[nn.Parameter]) -> list[_Bucket]:
+        buckets, current, size = [], [], 0
+        for param in reversed(params):
+            current.append(param)
+            size += param.numel() * param.element_size()
+            if size >= self.bucket_bytes:
+                buckets.append(_Bucket(current))
+                current, size = [], 0
+        if current:
+            buckets.append(_Bucket(current))
+        return buckets
+
+    def _hook(self, bucket: _Bucket):
+        def on_gradient(param: nn.Parameter) -> None:
+            if self.last_microbatch:
+                bucket.ready += 1
+                if bucket.ready == len(bucket.params):
+                    self._launch(bucket)
+
+        return on_gradient
+
+    def _launch(self, bucket: _Bucket) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
+        bucket.flat = torch.cat([g.reshape(-1) for g in grads])
+        bucket.future = self.queue.submit(self.algorithm.all_reduce, self.comm, bucket.flat)
+
+    def before_backward(self, last_microbatch: bool) -> None:
+        self.last_microbatch = last_microbatch
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Launches the buckets not yet launched (unused parameters, no overlap), then unpacks every sum."""
+        for bucket in self.buckets:
+            if bucket.future is None:
+                self._launch(bucket)
+        for bucket in self.buckets:
+            bucket.future.result()
+            offset = 0
+            for param in bucket.params:
+                count = param.numel()
+                summed = bucket.flat[offset:offset + count].view_as(param)
+                if param.grad is None:
+                    param.grad = summed.clone()
+                else:
+                    param.grad.copy_(summed)
+                offset += count
+            bucket.ready, bucket.future, bucket.flat = 0, None, None
+
+    def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        summed = values.detach().clone().contiguous()
+        self.queue.run(self.algorithm.all_reduce, self.comm, summed.view(-1))
+        return summed
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Averages floating buffers over the ranks: with local batch norm each rank tracks the statistics
+        of its own shards, and their mean estimates those of the global batch. (DDP instead copies rank 0's
+        buffers before every forward.)"""
+        buffers = [b for b in model.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        mean = self.sum_across_ranks(torch.cat([b.reshape(-1) for b in buffers])) / self.world_size
+        offset = 0
+        for buffer in buffers:
+            buffer.copy_(mean[offset:offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()
+
+    def comm_stats(self, steps: int) -> dict:
+        """Every rank's counts, gathered to all ranks (the gather itself is bookkeeping, not counted)."""
+        per_rank: list = [None] * self.world_size
+        dist.all_gather_object(per_rank, self.comm.stats.as_dict(), group=self.comm.group)
+        return {**comm_section(per_rank, steps), "algorithm": self.algorithm.name,
+                "buckets": len(self.buckets)}
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.queue.close()
