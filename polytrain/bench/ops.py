@@ -21,7 +21,7 @@ from torch import nn
 from polytrain.bench.stats import median_ci
 from polytrain.models import build_model
 from polytrain.ops.conv import CONV_ALGORITHMS, conv2d
-from polytrain.ops.geometry import ConvGeometry
+from polytrain.cost.geometry import ConvGeometry
 from polytrain.train.environment import environment
 
 # The baseline's name in the results: torch.nn.functional.conv2d (oneDNN or torch's own kernels on CPU).

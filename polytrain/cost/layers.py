@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytrain.ops.workdepth import conv_work_depth
+from polytrain.cost.workdepth import conv_work_depth
 
 # Bytes of one max-pooling index: PyTorch keeps the argmax positions as int64 for backward.
 INDEX_BYTES = 8
@@ -176,7 +176,7 @@ def conv2d(conv: nn.Conv2d, call: Call) -> LayerCost:
     thesis eq. 4.3, with C_in / groups for grouped convolutions). The input gradient (a transposed
     convolution) and the weight gradient cost as many MACs each (thesis Sec. 4.3.3); the bias gradient
     sums the output gradient. Depth: the direct algorithm's reduction levels from
-    `polytrain.ops.workdepth.conv_work_depth`, plus the product level and the bias addition.
+    `polytrain.cost.workdepth.conv_work_depth`, plus the product level and the bias addition.
     """
     x, y = call.inputs[0], call.outputs[0]
     kernel = tuple(conv.kernel_size)

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from polytrain.cost import model_cost, registered_model_cost
 from polytrain.cost.layers import adaptive_window_counts
 from polytrain.models import build_model
-from polytrain.ops.workdepth import conv_work_depth
+from polytrain.cost.workdepth import conv_work_depth
 
 
 def kinds(cost) -> list[str]:

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from polytrain.ops.conv import CONV_ALGORITHMS, conv2d, supports
 from polytrain.ops.conv.winograd import F2_3, F4_3
-from polytrain.ops.geometry import WINOGRAD_TILE_M, ConvGeometry
-from polytrain.ops.workdepth import ALGORITHMS
+from polytrain.cost.geometry import WINOGRAD_TILE_M, ConvGeometry
+from polytrain.cost.workdepth import ALGORITHMS
 
 
 def test_registry_holds_the_five_algorithms_that_workdepth_knows():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from polytrain.ops.conv import CONV_ALGORITHMS, conv2d
-from polytrain.ops.geometry import ConvGeometry
+from polytrain.cost.geometry import ConvGeometry
 from polytrain.ops.gradcheck import relative_error
 
 # (N, C_in, C_out, (H, W), kernel, stride, padding, dilation, groups): strides 1 and 2, padding 0-2,

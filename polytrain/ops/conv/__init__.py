@@ -12,7 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from polytrain.ops.conv.base import ConvAlgorithm, pad_input
-from polytrain.ops.geometry import ConvGeometry
+from polytrain.cost.geometry import ConvGeometry
 from polytrain.registry import Registry
 
 CONV_ALGORITHMS: Registry = Registry("convolution algorithm")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from polytrain.ops.geometry import ConvGeometry
+from polytrain.cost.geometry import ConvGeometry
 
 
 def dilate(t: torch.Tensor, factors: tuple[int, int]) -> torch.Tensor:

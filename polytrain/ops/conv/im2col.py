@@ -6,7 +6,7 @@ import torch
 
 from polytrain.ops.conv import CONV_ALGORITHMS
 from polytrain.ops.conv.base import ConvAlgorithm, window
-from polytrain.ops.geometry import ConvGeometry
+from polytrain.cost.geometry import ConvGeometry
 
 
 def im2col(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from polytrain.ops.conv import CONV_ALGORITHMS
 from polytrain.ops.conv.base import ConvAlgorithm
-from polytrain.ops.geometry import ConvGeometry
+from polytrain.cost.geometry import ConvGeometry
 
 
 @dataclass(frozen=True)

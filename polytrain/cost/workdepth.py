@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from polytrain.ops.geometry import WINOGRAD_TILE_M, ConvGeometry
+from polytrain.cost.geometry import WINOGRAD_TILE_M, ConvGeometry
 
 # Real operations per point of a complex FFT of n points, per log2(n): radix-2 Cooley-Tukey does
 # n/2 log2 n butterflies of 10 real operations (one complex multiply, two complex adds), the 5 n log2 n

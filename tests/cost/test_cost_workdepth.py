@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from polytrain.ops import geometry, workdepth
+from polytrain.cost import geometry, workdepth
 from polytrain.ops.conv import conv2d
-from polytrain.ops.workdepth import conv_work_depth, winograd_multiplications, winograd_tile_reduction
+from polytrain.cost.workdepth import conv_work_depth, winograd_multiplications, winograd_tile_reduction
 
 # N, C_in, C_out, H_in, W_in, K_h, K_w
 LAYER = (2, 3, 4, 8, 8, 3, 3)
@@ -116,4 +116,4 @@ def test_formulas_are_pure_arithmetic(module):
     tree = ast.parse(Path(module.__file__).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"__future__", "math", "operator", "dataclasses", "typing", "polytrain.ops.geometry"}
+    assert imported <= {"__future__", "math", "operator", "dataclasses", "typing", "polytrain.cost.geometry"}
