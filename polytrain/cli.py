@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train a CNN on real MNIST digits and print a results table")
     demo.add_argument("--epochs", type=int, default=None)
     demo.add_argument("--out", default=None, help="also keep the run's files here")
-    _add_bench_parsers(commands.add_parser("bench", help="benchmarks (ops: convolution algorithm finder)"))
+    _add_bench_parsers(commands.add_parser("bench", help="benchmarks (ops: convolutions; collectives: allreduce)"))
     _add_cost_flags(commands.add_parser("cost", help="parameters, arithmetic, memory, work and depth of a model"))
     return parser
 
@@ -63,6 +64,21 @@ def _add_bench_parsers(bench: argparse.ArgumentParser) -> None:
     ops.add_argument("--forward-only", action="store_true", help="time the forward pass alone")
     ops.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ops.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    collectives = kinds.add_parser("collectives", help="time every allreduce algorithm per message size, fit "
+                                                       "alpha and beta, find crossovers")
+    collectives.add_argument("--workers", type=int, default=None,
+                             help="local ranks to spawn (default 2; under torchrun: its WORLD_SIZE)")
+    collectives.add_argument("--algorithms", default="all", help="a,b,... or all (default)")
+    collectives.add_argument("--sizes", default="4^5..4^12",
+                             help="message sizes: 1KB,64KB,1MB,16MB (K = 1024) and/or B^a..B^b, every power of B "
+                                  "(default 4^5..4^12: 1 KiB to 16 MiB)")
+    collectives.add_argument("--repeats", type=int, default=11, help="timed repetitions (default 11)")
+    collectives.add_argument("--warmup", type=int, default=2, help="untimed repetitions first (default 2)")
+    collectives.add_argument("--dtype", default="float32", help="element type (default float32)")
+    collectives.add_argument("--threads", type=int, default=None,
+                             help="torch threads per rank (default: cores / workers, at least 1)")
+    collectives.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    collectives.add_argument("--plot", default=None, metavar="FILE.png", help="also plot time and bus bandwidth")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -86,6 +102,8 @@ def command_train(args: argparse.Namespace) -> int:
         base = Experiment()
     exp = apply_overrides(base, overrides)
     result = train(exp, resume=args.resume, reporter=console_reporter(sys.stdout))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 speaks for the run
     print(f"final test accuracy {100 * result.final_test_accuracy:.2f}% "
           f"(best {100 * result.best_test_accuracy:.2f}%), {result.wall_s:.1f} s, "
           f"{result.samples_per_s:.0f} samples/s" + (f"; results in {exp.out}" if exp.out else ""))
@@ -114,7 +132,15 @@ def command_bench_ops(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_COMMANDS = {"ops": command_bench_ops}
+def command_bench_collectives(args: argparse.Namespace) -> int:
+    from polytrain.bench.collectives import run_bench_collectives
+
+    run_bench_collectives(args.workers, args.algorithms, args.sizes, args.repeats, args.warmup, args.dtype,
+                          threads=args.threads, as_json=args.json, plot=args.plot)
+    return 0
+
+
+BENCH_COMMANDS = {"ops": command_bench_ops, "collectives": command_bench_collectives}
 
 
 def command_bench(args: argparse.Namespace) -> int:

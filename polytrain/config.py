@@ -36,7 +36,7 @@ class Experiment:
         augment_flip: mirror training images left-right with probability 1/2.
         test_fraction: share of samples held out for testing (datasets with an official split ignore it).
         workers: number of worker ranks.
-        strategy: how workers cooperate (a registered strategy name).
+        strategy: how workers cooperate (None: local for one worker, allreduce for more).
         strategy_args: arguments of the strategy.
         epochs: passes over the training split.
         batch_size: global batch: samples per optimizer step over all workers.
@@ -69,7 +69,7 @@ class Experiment:
     augment_shift: int | None = None
     augment_flip: bool | None = None
     workers: int = 1
-    strategy: str = "local"
+    strategy: str | None = None
     strategy_args: dict = field(default_factory=dict)
     epochs: int | None = None
     batch_size: int | None = None

@@ -57,6 +57,10 @@ class Communicator:
         self.timeout = timedelta(seconds=timeout_s)
         self.stats = CommStats()
 
+    def reset_stats(self) -> None:
+        """Starts counting from zero (a new run on the same ranks)."""
+        self.stats = CommStats()
+
     def _count(self, operation: str, sent: int, received: int, messages_sent: int, messages_received: int) -> None:
         stats = self.stats
         stats.bytes_sent += sent

@@ -75,6 +75,7 @@ class AllReduce:
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
         self.comm = comm
+        comm.reset_stats()  # the run's counts start here, also when ranks run several runs in sequence
         self.rank, self.world_size = comm.rank, comm.world_size
         self.algorithm = ALLREDUCE_ALGORITHMS.get(algorithm)
         self.bucket_bytes = int(bucket_mb * MB)

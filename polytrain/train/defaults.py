@@ -57,6 +57,8 @@ def resolve(exp: Experiment) -> Experiment:
     filled = {**_DATASET_DEFAULTS.get(exp.dataset, _DATASET_DEFAULTS["synthetic"]),
               **_MODEL_DEFAULTS.get(model, {}), **_PAIR_DEFAULTS.get((model, exp.dataset), {})}
     changes = {key: value for key, value in filled.items() if getattr(exp, key) is None}
+    if exp.strategy is None:
+        changes["strategy"] = "local" if exp.workers == 1 else "allreduce"
     if exp.threads is None:
         changes["threads"] = max(1, (os.cpu_count() or 1) // max(1, exp.workers))
     resolved = dataclasses.replace(exp, model=model, **changes)

@@ -338,6 +338,31 @@ def _train_rank(comm: Communicator, exp: Experiment, resume: str | None, report:
     return result if comm.rank == 0 else None
 
 
+def _train_ranks_sequence(comm: Communicator, experiments: list[Experiment], report: bool) -> list[Result] | None:
+    """Several runs, one after the other, on the same spawned ranks; rank 0 returns the Results."""
+    results = []
+    for exp in experiments:
+        reporter = console_reporter(sys.stdout) if report and comm.rank == 0 else SilentReporter()
+        results.append(_run(exp, None, reporter, None, comm))
+    return results if comm.rank == 0 else None
+
+
+def train_sequence(experiments: list[Experiment], *, report: bool = False) -> list[Result]:
+    """Trains several multi-worker experiments one after the other on one set of spawned workers.
+
+    Saves the process start-up (importing torch in every rank) between runs, as the demo and the tests
+    need; each run's Result is the same as from `train`. All experiments need the same worker count.
+    """
+    resolved = [resolve(exp) for exp in experiments]
+    workers = {exp.workers for exp in resolved}
+    if len(workers) != 1 or workers == {1}:
+        raise ConfigError(f"train_sequence needs one worker count above 1 for all runs; got {sorted(workers)}")
+    for exp in resolved:
+        _resume_state(exp, None)
+    return run_workers(_train_ranks_sequence, workers.pop(), (resolved, report), threads=resolved[0].threads,
+                       backend="gloo", timeout_s=max(exp.timeout_s for exp in resolved))[0]
+
+
 def _with_torchrun_world(exp: Experiment) -> Experiment:
     """Under torchrun the world size comes from its environment; an explicit other --workers is an error."""
     world_size = int(os.environ["WORLD_SIZE"])
@@ -372,8 +397,10 @@ def train(exp: Experiment, *, resume: str | Path | None = None, reporter: Report
                               threads=exp.threads, backend="gloo", timeout_s=exp.timeout_s)
         return results[0]
     comm = init_from_torchrun(exp.timeout_s, backend="gloo") if torchrun else None
-    return _run(exp, state, reporter or SilentReporter(), on_step, comm)
+    if reporter is None or (comm is not None and comm.rank != 0):
+        reporter = SilentReporter()  # one progress display per run: rank 0's
+    return _run(exp, state, reporter, on_step, comm)
 
 
-__all__ = ["train", "Trainer", "TrainingDiverged", "CheckpointError", "local_step", "evaluate",
+__all__ = ["train", "train_sequence", "Trainer", "TrainingDiverged", "CheckpointError", "local_step", "evaluate",
            "stored_experiment"]

@@ -1,5 +1,8 @@
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -43,3 +46,18 @@ def test_a_killed_rank_stops_the_others_within_the_limit():
     with pytest.raises(WorkerFailed, match="rank 2 was killed by SIGKILL; the other ranks were stopped"):
         run_workers(die_on_rank_two, 4, threads=1, timeout_s=30)
     assert time.monotonic() - started < 60
+
+
+def test_the_same_command_under_torchrun_equals_spawned_workers(tmp_path):
+    """torchrun's environment replaces spawning: same ranks, same result."""
+    argv = ["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--workers", "2",
+            "--set", "threads=1"]
+    torchrun = shutil.which("torchrun")
+    assert torchrun, "torchrun ships with torch"
+    subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "polytrain", *argv,
+                    "--out", str(tmp_path / "torchrun")], check=True, timeout=180, capture_output=True)
+    subprocess.run([sys.executable, "-m", "polytrain", *argv, "--out", str(tmp_path / "spawned")], check=True,
+                   timeout=180, capture_output=True)
+    a = torch.load(tmp_path / "torchrun" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "spawned" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)

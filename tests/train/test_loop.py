@@ -123,7 +123,7 @@ def test_out_dir_holds_the_contract_files(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(workers=3, batch_size=100), "global batch 100 is not divisible by 3 workers"),
-    (dict(workers=2), "--workers 2 needs a parallel strategy"),
+    (dict(workers=2, strategy="local"), "--workers 2 needs a parallel strategy"),
     (dict(microbatches=100), "100 microbatches cannot split a per-worker batch of 64"),
     (dict(model="rsnet20"), "unknown model 'rsnet20'; available: "),
     (dict(optimizer="adamm"), "unknown optimizer 'adamm'; available: adagrad, adam, adamw, momentum"),
