@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
 from polytrain.config import Experiment, apply_overrides, load_toml, parse_assignments, parse_named
 from polytrain.data import DATASETS
 from polytrain.launch import WorkerFailed
 from polytrain.models import MODELS
+from polytrain.ops.conv import CONV_ALGORITHMS
 from polytrain.strategies import STRATEGIES
 from polytrain.train import TrainingDiverged, stored_experiment, train
 from polytrain.train.optim import OPTIMIZERS, SCHEDULES
@@ -23,7 +25,8 @@ _FIELD_FLAGS = {"model": str, "dataset": str, "workers": int, "epochs": int, "ba
                 "precision": str, "out": str}
 
 REGISTRIES = {"models": MODELS, "datasets": DATASETS, "optimizers": OPTIMIZERS, "schedules": SCHEDULES,
-              "strategies": STRATEGIES}
+              "strategies": STRATEGIES, "allreduce algorithms": ALLREDUCE_ALGORITHMS,
+              "convolution algorithms": CONV_ALGORITHMS}
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:

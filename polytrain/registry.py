@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import inspect
+from typing import Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
@@ -41,6 +42,21 @@ class Registry(Generic[F]):
             raise UnknownNameError(
                 f"unknown {self.kind} '{name}'; available: {', '.join(self.names())}"
             ) from None
+
+    def check_arguments(self, name: str, args: Mapping[str, object], fixed: Iterable[str] = ()) -> None:
+        """Raises ValueError unless every key of `args` is a keyword the factory `name` accepts.
+
+        Args:
+            name: registered name.
+            args: user-given keyword arguments.
+            fixed: parameters the caller passes itself (not the user's to set).
+        """
+        parameters = inspect.signature(self.get(name)).parameters
+        valid = [p for p in parameters if p not in set(fixed) and p != "self"]
+        unknown = sorted(set(args) - set(valid))
+        if unknown:
+            raise ValueError(f"{self.kind} {name} takes no argument '{unknown[0]}'; "
+                             f"valid: {', '.join(valid) or 'none'}")
 
     def names(self) -> list[str]:
         """The registered names, sorted."""

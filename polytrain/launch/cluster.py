@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import IO, Mapping, Sequence
 
@@ -32,7 +32,8 @@ from polytrain.launch.local import _exit_reason
 DEFAULT_SUBNET = "10.77.0.0/24"  # RFC 1918; exists only inside the cluster's namespaces, so clusters never clash
 DEFAULT_RUN_TIMEOUT_S = 3600.0
 # `ip netns exec NS` shows the files in /etc/netns/NS in place of /etc's; each host gets a hosts file naming
-# every host, so that reverse lookups of peers' addresses (torch's store does them) need no DNS server.
+# every host, so that reverse lookups of peers' addresses (torch's store does them) need no DNS server,
+# which the namespaces cannot reach.
 NETNS_ETC = Path("/etc/netns")
 MASTER_PORT = 29500  # torchrun's default; always free, since host 0's namespace is new
 HOST_INTERFACE = "veth0"  # every host's one link has this name in its own namespace
@@ -223,6 +224,8 @@ class EmulatedCluster:
         try:
             while self._created:
                 _delete_namespace(self._created.pop())
+            with suppress(OSError):  # only removed when no other cluster uses it
+                NETNS_ETC.rmdir()
         finally:
             _set_sigterm_handler(self._previous_sigterm)
 
@@ -256,7 +259,9 @@ class EmulatedCluster:
             self._limit(switch, port)  # switch -> host
 
     def _write_hosts_file(self, namespace: str) -> None:
-        names = "".join(f"{address}\t{self.host_namespace(host)}\n" for host, address in enumerate(self.addresses))
+        # torch's store sees IPv4 peers as IPv4-mapped IPv6 addresses, hence both forms.
+        names = "".join(f"{address}\t{self.host_namespace(host)}\n::ffff:{address}\t{self.host_namespace(host)}\n"
+                        for host, address in enumerate(self.addresses))
         try:
             (NETNS_ETC / namespace).mkdir(parents=True, exist_ok=True)
             (NETNS_ETC / namespace / "hosts").write_text(Path("/etc/hosts").read_text() + names)

@@ -25,6 +25,10 @@ class Strategy(Protocol):
     rank: int
     world_size: int
 
+    @staticmethod
+    def check(**strategy_args) -> None:
+        """Raises ValueError for invalid strategy arguments, before any worker starts."""
+
     def prepare(self, model: nn.Module) -> nn.Module:
         """Adapts the model once, before the optimizer is built (e.g. hooks, synchronized batch norm)."""
 
@@ -63,6 +67,10 @@ class Local:
     parallel = False
     rank = 0
     world_size = 1
+
+    @staticmethod
+    def check() -> None:
+        """Local takes no arguments."""
 
     def __init__(self, comm: None = None) -> None:
         if comm is not None and comm.world_size > 1:

@@ -70,10 +70,17 @@ class AllReduce:
 
     parallel = True
 
+    @staticmethod
+    def check(algorithm: str = "native", bucket_mb: float = 25.0, sync_bn: bool = False,
+              overlap: bool = True) -> None:
+        """Raises ValueError for invalid arguments, before any worker starts."""
+        ALLREDUCE_ALGORITHMS.get(algorithm)
+        if not isinstance(bucket_mb, (int, float)) or bucket_mb <= 0:
+            raise ValueError(f"bucket_mb must be a positive number of MiB, got {bucket_mb!r}")
+
     def __init__(self, comm: Communicator, algorithm: str = "native", bucket_mb: float = 25.0,
                  sync_bn: bool = False, overlap: bool = True) -> None:
-        if bucket_mb <= 0:
-            raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
+        self.check(algorithm, bucket_mb, sync_bn, overlap)
         self.comm = comm
         comm.reset_stats()  # the run's counts start here, also when ranks run several runs in sequence
         self.rank, self.world_size = comm.rank, comm.world_size

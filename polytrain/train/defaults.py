@@ -76,6 +76,8 @@ def validate(exp: Experiment) -> None:
     for registry, name in ((MODELS, exp.model), (DATASETS, exp.dataset), (STRATEGIES, exp.strategy),
                            (OPTIMIZERS, exp.optimizer), (SCHEDULES, exp.schedule)):
         registry.get(name)
+    STRATEGIES.check_arguments(exp.strategy, exp.strategy_args, fixed=("comm",))
+    STRATEGIES.get(exp.strategy).check(**exp.strategy_args)
     _check(exp.workers >= 1, f"workers must be at least 1, got {exp.workers}")
     _check(exp.epochs >= 1, f"epochs must be at least 1, got {exp.epochs}")
     _check(exp.batch_size >= 1, f"batch size must be at least 1, got {exp.batch_size}")

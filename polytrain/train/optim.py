@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -160,12 +159,8 @@ def _batch_growth(epochs: int, milestones: list[int] | None = None, factor: int 
 
 
 def _schedule_parts(name: str, epochs: int, args: dict):
-    factory = SCHEDULES.get(name)
-    valid = [p for p in inspect.signature(factory).parameters if p != "epochs"]
-    unknown = sorted(set(args) - set(valid))
-    if unknown:
-        raise ConfigError(f"schedule {name} takes no argument '{unknown[0]}'; valid: {', '.join(valid) or 'none'}")
-    return factory(epochs, **args)
+    SCHEDULES.check_arguments(name, args, fixed=("epochs",))
+    return SCHEDULES.get(name)(epochs, **args)
 
 
 def build_schedule(name: str, args: dict, *, lr: float, epochs: int, batch_size: int, warmup_epochs: float,

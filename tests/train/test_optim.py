@@ -77,7 +77,7 @@ def test_batch_growth_replaces_decay_smith():
 
 
 def test_schedule_arguments_are_checked():
-    with pytest.raises(ConfigError, match="schedule step takes no argument 'gama'; valid: milestones, gamma"):
+    with pytest.raises(ValueError, match="schedule step takes no argument 'gama'; valid: milestones, gamma"):
         schedule("step", {"gama": 0.5})
-    with pytest.raises(ConfigError, match="schedule cosine takes no argument 'x'; valid: none"):
+    with pytest.raises(ValueError, match="schedule cosine takes no argument 'x'; valid: none"):
         schedule("cosine", {"x": 1})
