@@ -61,3 +61,17 @@ def test_the_same_command_under_torchrun_equals_spawned_workers(tmp_path):
     a = torch.load(tmp_path / "torchrun" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "spawned" / "model.pt", weights_only=True)
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def hang_on_rank_one(comm):
+    if comm.rank == 1:
+        time.sleep(30)  # alive but silent: the peer must not wait forever
+        return None
+    comm.recv(torch.zeros(4), src=1)
+
+
+def test_a_silent_peer_times_out_instead_of_hanging():
+    started = time.monotonic()
+    with pytest.raises(WorkerFailed, match=r"rank 0 failed: CommError: rank 0: p2p with ranks \[1\] (timed out|failed)"):
+        run_workers(hang_on_rank_one, 2, threads=1, timeout_s=3)
+    assert time.monotonic() - started < 25
