@@ -142,3 +142,14 @@ def test_spawned_workers_through_the_public_api(tmp_path):
                                  out=str(tmp_path)))
     assert result.config["workers"] == 2 and result.comm["bytes_sent"] > 0
     assert (tmp_path / "result.json").exists() and len(result.comm["per_rank"]) == 2
+
+
+def test_large_batch_schedules_work_with_workers():
+    # Linear scaling with warm-up (Goyal et al.) and batch growth (Smith et al.) on 2 workers equal 1 worker.
+    exp = Experiment(model="mlp", dataset="digits", epochs=3, batch_size=32, lr=0.02, threads=1,
+                     lr_reference_batch=16, warmup_epochs=1.0, schedule="batchgrow",
+                     schedule_args={"milestones": [1, 2], "factor": 2})
+    single = reference(exp)
+    (state, identical, _), = run_workers(final_weights, 2, ([exp.replace(workers=2)],), threads=1,
+                                        timeout_s=60)[0]
+    assert identical and max_difference(single, state) <= 1e-5
