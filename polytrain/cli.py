@@ -12,12 +12,16 @@ from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
 from polytrain.config import Experiment, apply_overrides, load_toml, parse_assignments, parse_named
 from polytrain.data import DATASETS
 from polytrain.launch import WorkerFailed
+from polytrain.launch.cluster import DEFAULT_RUN_TIMEOUT_S, ClusterError, EmulatedCluster, HostFailed
 from polytrain.models import MODELS
 from polytrain.ops.conv import CONV_ALGORITHMS
 from polytrain.strategies import STRATEGIES
 from polytrain.train import TrainingDiverged, stored_experiment, train
 from polytrain.train.optim import OPTIMIZERS, SCHEDULES
 from polytrain.train.progress import console_reporter
+
+# How much of each other host's output `polytrain cluster` shows when a host fails.
+HOST_OUTPUT_LINES = 30
 
 # Flags that map one-to-one onto Experiment fields.
 _FIELD_FLAGS = {"model": str, "dataset": str, "workers": int, "epochs": int, "batch_size": int, "lr": float,
@@ -51,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="also keep the run's files here")
     _add_bench_parsers(commands.add_parser("bench", help="benchmarks (ops: convolutions; collectives: allreduce)"))
     _add_cost_flags(commands.add_parser("cost", help="parameters, arithmetic, memory, work and depth of a model"))
+    _add_cluster_flags(commands.add_parser("cluster", help="run a command on emulated hosts with limited "
+                                                           "bandwidth (network namespaces; root)"))
     return parser
 
 
@@ -169,8 +175,35 @@ def command_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    parser.usage = "polytrain cluster --hosts H [--bandwidth RATE] [--timeout S] -- COMMAND [ARG ...]"
+    parser.add_argument("--hosts", type=int, required=True, help="emulated hosts, one rank each")
+    parser.add_argument("--bandwidth", default="1gbit", help="each host's link, each way, in tc's units "
+                                                             "(100mbit, 1gbit) or none (default 1gbit)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_RUN_TIMEOUT_S,
+                        help=f"seconds before every host is stopped (default {DEFAULT_RUN_TIMEOUT_S:g})")
+    parser.add_argument("run_command", nargs="+", metavar="COMMAND",
+                        help="after --: what every host runs, with torchrun's variables set (a command "
+                             "starting with polytrain runs this installation)")
+
+
+def command_cluster(args: argparse.Namespace) -> int:
+    try:
+        with EmulatedCluster(args.hosts, args.bandwidth) as cluster:
+            cluster.run(args.run_command, timeout_s=args.timeout)
+    except ClusterError as error:
+        outputs = error.outputs if isinstance(error, HostFailed) else {}
+        for host, output in outputs.items():
+            if output.strip():
+                tail = "\n".join(output.splitlines()[-HOST_OUTPUT_LINES:])
+                print(f"--- host {host}, last lines of its output ---\n{tail}", file=sys.stderr)
+        print(f"polytrain: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS = {"train": command_train, "list": command_list, "demo": command_demo, "bench": command_bench,
-            "cost": command_cost}
+            "cost": command_cost, "cluster": command_cluster}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,8 +38,11 @@ NETNS_ETC = Path("/etc/netns")
 MASTER_PORT = 29500  # torchrun's default; always free, since host 0's namespace is new
 HOST_INTERFACE = "veth0"  # every host's one link has this name in its own namespace
 BRIDGE = "br0"
-MIN_BURST_BYTES = 64 * 1024  # one GSO packet, which veth hands to tbf whole
-BURST_S = 0.002  # at 1 Gbit/s a 32 KiB bucket reached only ~77 % of the rate; 2 ms of traffic reached 95 %
+# tbf's bucket holds BURST_S of traffic: the shaper's timer fires up to about a millisecond late here, so a
+# smaller bucket loses rate (at 1 Gbit/s, 64 KiB = 0.5 ms sustained ~50 % both ways at once; 1 ms ~94 %),
+# while a larger one lets short messages after an idle spell pass unshaped (2 ms: 1 MiB at 1.2 Gbit/s).
+BURST_S = 0.001
+MIN_BURST_BYTES = 4096  # a few full-size frames: tbf cannot pass a packet larger than its bucket
 TOOL_TIMEOUT_S = 30.0
 POLL_S = 0.1
 STOP_GRACE_S = 3.0  # how long a host's command has to exit after SIGTERM before it is killed
@@ -66,6 +69,10 @@ class HostFailed(ClusterError):
         self.outputs = outputs
 
 
+# Environment variable through which a run learns what network it ran on (see train/environment.py).
+NETWORK_VARIABLE = "POLYTRAIN_NETWORK"
+
+
 def parse_bandwidth(text: str | None) -> float | None:
     """Bits per second of a tc rate such as "100mbit" or "1gbit"; None for "none" (an unlimited link)."""
     if text is None or text.lower() == "none":
@@ -82,16 +89,16 @@ def default_burst_bytes(bandwidth_bits_per_s: float) -> int:
     return max(MIN_BURST_BYTES, int(bandwidth_bits_per_s / 8 * BURST_S))
 
 
-def _tool(*args: str, needs: str = "polytrain cluster") -> str:
+def _tool(*args: str, context: str = "polytrain cluster") -> str:
     """Runs one iproute2 command and returns its stdout; a failure is a one-line ClusterError."""
     try:
         done = subprocess.run(args, check=True, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
     except subprocess.CalledProcessError as error:
         lines = error.stderr.strip().splitlines()
         reason = lines[0] if lines else f"exit status {error.returncode}"
-        raise ClusterError(f"{needs}: `{' '.join(args)}` failed: {reason}") from None
+        raise ClusterError(f"{context}: `{' '.join(args)}` failed: {reason}") from None
     except subprocess.TimeoutExpired:
-        raise ClusterError(f"{needs}: `{' '.join(args)}` did not finish in {TOOL_TIMEOUT_S:g} s") from None
+        raise ClusterError(f"{context}: `{' '.join(args)}` did not finish in {TOOL_TIMEOUT_S:g} s") from None
     return done.stdout
 
 
@@ -230,7 +237,7 @@ class EmulatedCluster:
             _set_sigterm_handler(self._previous_sigterm)
 
     def _add_namespace(self, namespace: str) -> None:
-        _tool("ip", "netns", "add", namespace, needs="polytrain cluster needs root and Linux network namespaces")
+        _tool("ip", "netns", "add", namespace, context="polytrain cluster needs root and Linux network namespaces")
         self._created.append(namespace)
         _tool("ip", "-n", namespace, "link", "set", "lo", "up")
 
@@ -273,7 +280,7 @@ class EmulatedCluster:
         burst = self.burst_bytes or default_burst_bytes(rate)
         _tool("tc", "-n", namespace, "qdisc", "add", "dev", interface, "root", "tbf", "rate", f"{rate:.0f}bit",
               "burst", str(burst), "latency", f"{self.latency_ms:g}ms",
-              needs="polytrain cluster needs tc's tbf qdisc")
+              context="polytrain cluster needs tc's tbf qdisc")
 
     # -- running -------------------------------------------------------------------------------------------
 
@@ -288,7 +295,12 @@ class EmulatedCluster:
         return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **(env or {}),
                 "RANK": str(host), "WORLD_SIZE": str(self.hosts), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                 "MASTER_ADDR": self.addresses[0], "MASTER_PORT": str(MASTER_PORT),
-                "GLOO_SOCKET_IFNAME": HOST_INTERFACE}
+                "GLOO_SOCKET_IFNAME": HOST_INTERFACE, NETWORK_VARIABLE: self.describe()}
+
+    def describe(self) -> str:
+        """The network in words, recorded in every result's environment manifest."""
+        rate = "unlimited" if self.bandwidth_bits_per_s is None else f"{self.bandwidth_bits_per_s / 1e6:g} Mbit/s"
+        return f"emulated cluster: {self.hosts} hosts on a virtual switch, links {rate} each way (tc tbf)"
 
     def run(self, command: Sequence[str], *, env: Mapping[str, str] | None = None,
             timeout_s: float = DEFAULT_RUN_TIMEOUT_S) -> None:
@@ -306,6 +318,8 @@ class EmulatedCluster:
         Raises:
             HostFailed: a host exited non-zero, or the deadline passed; every host is stopped first.
         """
+        if not command:
+            raise ValueError("no command to run on the hosts")
         argv = [sys.executable, "-m", "polytrain", *command[1:]] if command[0] == "polytrain" else list(command)
         processes: list[subprocess.Popen] = []
         with ExitStack() as files:
@@ -336,7 +350,8 @@ def _wait(processes: list[subprocess.Popen], timeout_s: float) -> str | None:
         codes = [process.poll() for process in processes]
         failed = [host for host, code in enumerate(codes) if code not in (None, 0)]
         if failed:
-            return f"host {failed[0]} (rank {failed[0]}) {_exit_reason(codes[failed[0]])}; the other hosts were stopped"
+            host = failed[0]
+            return f"host {host} (rank {host}) {_exit_reason(codes[host])}; the other hosts were stopped"
         if all(code == 0 for code in codes):
             return None
         if time.monotonic() > deadline:

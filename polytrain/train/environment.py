@@ -50,6 +50,8 @@ def environment(seed: int, argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
         "hostname": socket.gethostname(),
+        # Set by `polytrain cluster` for runs on its emulated network; otherwise the machine's own.
+        "network": os.environ.get("POLYTRAIN_NETWORK", "this machine's own (loopback between local ranks)"),
         "seed": seed,
         "argv": list(sys.argv if argv is None else argv),
     }
