@@ -206,9 +206,9 @@ def fit_alpha_beta(algorithm: str, world_size: int, sizes_bytes: Sequence[int], 
         raise ValueError(f"allreduce {algorithm} sends nothing at world size {world_size}; nothing to fit")
     alpha, beta = _nonnegative_least_squares(terms[:, :2] / measured[:, None],
                                              (measured - terms[:, 2] * gamma_s_per_byte) / measured)
-    fit = Fit(algorithm, world_size, float(alpha), float(beta), gamma_s_per_byte, ())
-    points = tuple(FitPoint(int(n), float(t), fit.predict_s(n), (fit.predict_s(n) - t) / t)
-                   for n, t in zip(sizes_bytes, measured))
+    predicted = terms @ np.array([alpha, beta, gamma_s_per_byte])
+    points = tuple(FitPoint(int(n), float(t), float(model), float((model - t) / t))
+                   for n, t, model in zip(sizes_bytes, measured, predicted))
     return Fit(algorithm, world_size, float(alpha), float(beta), gamma_s_per_byte, points)
 
 
@@ -497,7 +497,7 @@ def _ms(seconds: float) -> str:
 
 
 def _tables(report: dict) -> list:
-    """Rich tables: time, bus bandwidth, fits, prediction errors, crossovers."""
+    """Rich tables (or a line where one would be empty): time, bus bandwidth, fits, errors, crossovers."""
     from rich.table import Table
 
     algorithms, sizes = report["algorithms"], report["sizes_bytes"]
@@ -530,7 +530,7 @@ def _tables(report: dict) -> list:
     tables = [times, busbw]
     if report["fits"]:
         tables += [_fit_table(report), errors]
-    tables.append(_crossover_table(report))
+    tables.append(_crossover_table(report) if report["crossovers"] else "crossovers: none among these sizes")
     return tables
 
 

@@ -126,7 +126,9 @@ class AllReduce:
 
     def _launch(self, bucket: _Bucket) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-        bucket.flat = torch.cat([g.reshape(-1) for g in grads])
+        if bucket.flat is None:  # allocated once: a fresh multi-MB buffer every step costs page faults
+            bucket.flat = torch.empty(sum(p.numel() for p in bucket.params), dtype=bucket.params[0].dtype)
+        torch.cat([g.reshape(-1) for g in grads], out=bucket.flat)
         bucket.future = self.queue.submit(self.algorithm.all_reduce, self.comm, bucket.flat)
 
     def before_backward(self, last_microbatch: bool) -> None:
@@ -148,7 +150,7 @@ class AllReduce:
                 else:
                     param.grad.copy_(summed)
                 offset += count
-            bucket.ready, bucket.future, bucket.flat = 0, None, None
+            bucket.ready, bucket.future = 0, None
 
     def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
         summed = values.detach().clone().contiguous()

@@ -162,10 +162,10 @@ def test_tiny_real_run_through_the_command_line(capsys, tmp_path):
 
 def test_runs_in_process_under_torchrun(tmp_path):
     # torchrun starts the ranks itself; each runs the benchmark in-process and only rank 0 prints.
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "polytrain", "bench", "collectives", "--algorithms", "butterfly", "--sizes", "1KB,2KB",
                "--repeats", "1", "--warmup", "0", "--threads", "1", "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
