@@ -3,8 +3,7 @@
 Both train the same model on the same data (mnist5k, default settings: momentum SGD, cosine schedule,
 augmentation) with the same global batch, worker count, backend (gloo) and torch threads, on the same
 spawned ranks: each spawn runs R repetitions of (polytrain run, DDP run), the order alternating
-(polytrain first in even repetitions, DDP first in odd ones; with `--diagnose`'s third system the order
-rotates), so a busy phase of the shared machine hits all alike. A run builds a fresh model from the same seed and trains 1 warm-up epoch (reported, not
+(polytrain first in even repetitions, DDP first in odd ones), so a busy phase of the shared machine hits all alike. A run builds a fresh model from the same seed and trains 1 warm-up epoch (reported, not
 rated) and E rated epochs; its rate is the training samples of the rated epochs over rank 0's time in
 training steps (data loading, forward, backward, communication and optimizer step; evaluation excluded),
 measured in the same place in both loops. Ratios are taken per repetition (polytrain / DDP of the two
@@ -17,12 +16,10 @@ forms by dividing the summed loss by the global batch). Both loops read the loss
 predictions each step (polytrain's metrics). DDP runs with its defaults (25 MiB buckets, 1 MiB first
 bucket); polytrain with its own (25 MiB buckets).
 
-`--diagnose` adds a third system, interleaved with the other two: polytrain's strategy with one change,
-each gradient bucket keeping one flat buffer for the whole run (as DDP's buckets do) instead of a fresh
-`torch.cat` result every step, to measure what that allocation costs. Usage:
+Usage:
 
     python benchmarks/bench_ddp.py [--models lenet5 mlp] [--workers 2 4] [--repeats 5] [--epochs 2]
-                                   [--diagnose] [--json-out FILE]
+                                   [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -46,8 +43,6 @@ from polytrain.data.augment import augment_images, draw_augmentation
 from polytrain.data.sampler import ShardedBatchSampler
 from polytrain.launch import run_workers
 from polytrain.models import build_model
-from polytrain.strategies import STRATEGIES
-from polytrain.strategies.allreduce import AllReduce
 from polytrain.train.defaults import resolve
 from polytrain.train.environment import environment
 from polytrain.train.loop import Trainer, evaluate
@@ -62,29 +57,6 @@ def experiment(model: str, workers: int, epochs: int) -> Experiment:
     """The resolved run both systems train: mnist5k defaults, 1 warm-up epoch + `epochs` rated ones."""
     return resolve(Experiment(model=model, model_args=MODEL_ARGS[model], dataset="mnist5k", workers=workers,
                               epochs=1 + epochs, strategy="allreduce", strategy_args={"algorithm": "native"}))
-
-
-PERSISTENT = "allreduce-persistent-buckets"
-
-
-@STRATEGIES.register(PERSISTENT)
-class PersistentBuckets(AllReduce):
-    """Diagnostic variant of the allreduce strategy: every bucket fills one flat buffer kept for the run.
-
-    The strategy itself concatenates each bucket's gradients into a new tensor every step; a tensor of many
-    megabytes freshly allocated is often freshly mapped memory, whose page faults cost milliseconds a step.
-    """
-
-    def __init__(self, comm: Communicator, **kwargs) -> None:
-        super().__init__(comm, **kwargs)
-        self.flats: dict[int, torch.Tensor] = {}
-
-    def _launch(self, bucket) -> None:  # overrides the strategy's private bucket launch, for this diagnosis
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-        if id(bucket) not in self.flats:
-            self.flats[id(bucket)] = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype)
-        bucket.flat = torch.cat([g.reshape(-1) for g in grads], out=self.flats[id(bucket)])
-        bucket.future = self.queue.submit(self.algorithm.all_reduce, self.comm, bucket.flat)
 
 
 def polytrain_run(comm: Communicator, exp: Experiment) -> dict:
@@ -135,12 +107,7 @@ def ddp_run(comm: Communicator, exp: Experiment) -> dict:
             "test_accuracy": correct.item() / len(data.y_test), "state": model.module.state_dict()}
 
 
-def persistent_run(comm: Communicator, exp: Experiment) -> dict:
-    """polytrain_run with the PersistentBuckets variant of the strategy."""
-    return polytrain_run(comm, exp.replace(strategy=PERSISTENT))
-
-
-RUNNERS = {"polytrain": polytrain_run, "ddp": ddp_run, "polytrain-persistent": persistent_run}
+RUNNERS = {"polytrain": polytrain_run, "ddp": ddp_run}
 
 
 def compare_rank(comm: Communicator, exp: Experiment, repeats: int, systems: list[str]) -> dict | None:
@@ -197,10 +164,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=2, help="rated epochs per run, after 1 warm-up epoch")
-    parser.add_argument("--diagnose", action="store_true", help="also run polytrain with persistent bucket buffers")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
-    systems = ["polytrain", "ddp"] + (["polytrain-persistent"] if args.diagnose else [])
+    systems = ["polytrain", "ddp"]
     ours = [name for name in systems if name != "ddp"]
     env = environment(seed=0)
     print(f"{env['cpu']}, {env['cores']} cores; torch {env['torch']}; gloo; {args.repeats} interleaved repetitions, "
