@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from polytrain.comm import CommError
 from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
 from polytrain.config import Experiment, apply_overrides, load_toml, parse_assignments, parse_named
 from polytrain.data import DATASETS
@@ -216,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"polytrain: error: {error}", file=sys.stderr)
         return 2
-    except (TrainingDiverged, WorkerFailed) as error:
+    except (TrainingDiverged, WorkerFailed, CommError, OSError) as error:
         if args.debug:
             print(getattr(error, "worker_traceback", ""), file=sys.stderr)
             raise

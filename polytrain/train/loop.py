@@ -136,6 +136,8 @@ class Trainer:
                                                  lr_reference_batch=exp.lr_reference_batch)
         self.position = _Position()
         self.out = Path(exp.out) if exp.out else None
+        if self.out is not None and self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)  # fail on an unwritable --out before training
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
