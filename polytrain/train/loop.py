@@ -44,7 +44,11 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class _EpochTotals:
-    """Running sums of the epoch in progress (kept in mid-epoch checkpoints)."""
+    """This rank's running sums of the epoch in progress; summed over the ranks at the end of the epoch.
+
+    Kept in mid-epoch checkpoints (rank 0's: after a multi-worker resume the epoch's training loss is
+    approximate; weights are exact).
+    """
 
     loss_sum: float = 0.0
     correct: int = 0
@@ -264,21 +268,24 @@ class Trainer:
 
     def end_epoch(self, lr: float, batch_size: int, steps: int) -> None:
         position, totals = self.position, self.position.totals
+        # Training metrics of the whole global batch, not of this rank's shard; time is this rank's.
+        loss_sum, correct, samples = self.strategy.sum_across_ranks(torch.tensor(
+            [totals.loss_sum, float(totals.correct), float(totals.samples)], dtype=torch.float64)).tolist()
         eval_started = time.perf_counter()
         test_loss, test_accuracy = self.evaluate()
         row = {
             "epoch": position.epoch + 1,
-            "train_loss": totals.loss_sum / max(1, totals.samples),
-            "train_accuracy": totals.correct / max(1, totals.samples),
+            "train_loss": loss_sum / max(1.0, samples),
+            "train_accuracy": correct / max(1.0, samples),
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
             "lr": lr,
             "batch_size": batch_size,
             "steps": steps,
-            "samples": totals.samples,
+            "samples": int(samples),
             "train_s": totals.train_s,
             "eval_s": time.perf_counter() - eval_started,
-            "samples_per_s": totals.samples / totals.train_s if totals.train_s > 0 else 0.0,
+            "samples_per_s": samples / totals.train_s if totals.train_s > 0 else 0.0,
             "wall_s": position.wall_s + self.elapsed(),
         }
         position.history.append(row)

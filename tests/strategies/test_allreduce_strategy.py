@@ -141,6 +141,7 @@ def test_spawned_workers_through_the_public_api(tmp_path):
     result = train(LENET.replace(workers=2, strategy="allreduce", strategy_args={"algorithm": "ring"},
                                  out=str(tmp_path)))
     assert result.config["workers"] == 2 and result.comm["bytes_sent"] > 0
+    assert result.epochs[0]["samples"] == 4000  # rates and training metrics count every rank's samples
     assert (tmp_path / "result.json").exists() and len(result.comm["per_rank"]) == 2
 
 
