@@ -275,6 +275,19 @@ def _recursive_doubling(comm: Communicator, flat: torch.Tensor, index: int, oper
         distance <<= 1
 
 
+def _folded_all_reduce(comm: Communicator, tensor: torch.Tensor, power_of_two_algorithm,
+                       operation: str) -> None:
+    """Folds a non-power-of-two world, runs `power_of_two_algorithm(comm, flat, index, operation)` on the
+    remaining ranks, and sends the result back to the folded ones."""
+    flat = _flat(tensor)
+    if comm.world_size == 1 or flat.numel() == 0:
+        return
+    index = _fold(comm, flat, operation)
+    if index is not None:
+        power_of_two_algorithm(comm, flat, index, operation)
+    _unfold(comm, flat, operation)
+
+
 @_registered
 class Butterfly:
     """Recursive doubling: lg p rounds of pairwise whole-vector exchange (fold for non-powers of two)."""
@@ -283,13 +296,7 @@ class Butterfly:
 
     @staticmethod
     def all_reduce(comm: Communicator, tensor: torch.Tensor) -> None:
-        flat = _flat(tensor)
-        if comm.world_size == 1 or flat.numel() == 0:
-            return
-        index = _fold(comm, flat, "allreduce:butterfly")
-        if index is not None:
-            _recursive_doubling(comm, flat, index, "allreduce:butterfly")
-        _unfold(comm, flat, "allreduce:butterfly")
+        _folded_all_reduce(comm, tensor, _recursive_doubling, "allreduce:butterfly")
 
     @staticmethod
     def cost_s(n_bytes: float, world_size: int, alpha_s: float, beta_s_per_byte: float,
@@ -418,13 +425,7 @@ class Rabenseifner:
 
     @staticmethod
     def all_reduce(comm: Communicator, tensor: torch.Tensor) -> None:
-        flat = _flat(tensor)
-        if comm.world_size == 1 or flat.numel() == 0:
-            return
-        index = _fold(comm, flat, "allreduce:rabenseifner")
-        if index is not None:
-            _halving_doubling(comm, flat, index, "allreduce:rabenseifner")
-        _unfold(comm, flat, "allreduce:rabenseifner")
+        _folded_all_reduce(comm, tensor, _halving_doubling, "allreduce:rabenseifner")
 
     @staticmethod
     def cost_s(n_bytes: float, world_size: int, alpha_s: float, beta_s_per_byte: float,
