@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from polytrain.comm.communicator import Communicator
+from polytrain.comm.communicator import Communicator, Pending
 from polytrain.registry import Registry
 
 
@@ -98,11 +98,17 @@ def _piece_sizes(n_elements: int, num_pieces: int) -> list[int]:
     return [base + (index < extra) for index in range(num_pieces)]
 
 
+def _post(comm: Communicator, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+          operation: str) -> Pending:
+    """Communicator.post leaving out empty pieces (no zero-byte messages)."""
+    return comm.post([(t, peer) for t, peer in sends if t.numel()],
+                     [(b, peer) for b, peer in recvs if b.numel()], operation)
+
+
 def _transfer(comm: Communicator, outgoing: torch.Tensor, destination: int, incoming: torch.Tensor,
               source: int, operation: str) -> None:
-    """Sends `outgoing` while receiving into `incoming`, leaving out empty pieces (no zero-byte messages)."""
-    comm.exchange([(outgoing, destination)] if outgoing.numel() else [],
-                  [(incoming, source)] if incoming.numel() else [], operation)
+    """Sends `outgoing` while receiving into `incoming`, leaving out empty pieces."""
+    _post(comm, [(outgoing, destination)], [(incoming, source)], operation).wait()
 
 
 def _reduce_from(comm: Communicator, outgoing: torch.Tensor, destination: int, target: torch.Tensor,
@@ -139,7 +145,7 @@ def _fold(comm: Communicator, flat: torch.Tensor, operation: str) -> int | None:
         if index is None:
             comm.send(flat, comm.rank - 1, operation)
         else:
-            buffer = torch.empty_like(flat)
+            buffer = comm.scratch("fold", flat.numel(), flat.dtype)
             comm.recv(buffer, comm.rank + 1, operation)
             flat.add_(buffer)
     return index
@@ -172,7 +178,8 @@ class Central:
             return
         if comm.rank == 0:
             workers = range(1, comm.world_size)
-            buffers = [torch.empty_like(flat) for _ in workers]
+            block = comm.scratch("central", len(workers) * flat.numel(), flat.dtype)
+            buffers = block.view(len(workers), flat.numel()).unbind()
             comm.exchange([], list(zip(buffers, workers)), "allreduce:central")
             for buffer in buffers:  # rank order, so the sum does not depend on arrival order
                 flat.add_(buffer)
@@ -203,7 +210,7 @@ class Central:
 
 def _binomial_reduce(comm: Communicator, flat: torch.Tensor, operation: str) -> None:
     """Sums onto rank 0: at distance 1, 2, 4, ... a rank with that bit set sends its partial sum and stops."""
-    buffer = torch.empty_like(flat)
+    buffer = comm.scratch("tree", flat.numel(), flat.dtype)
     distance = 1
     while distance < comm.world_size:
         if comm.rank & distance:
@@ -267,7 +274,7 @@ class Tree:
 
 def _recursive_doubling(comm: Communicator, flat: torch.Tensor, index: int, operation: str) -> None:
     """Partners at distance 1, 2, 4, ... among the p' participants swap whole vectors and add them."""
-    buffer = torch.empty_like(flat)
+    buffer = comm.scratch("butterfly", flat.numel(), flat.dtype)
     distance = 1
     while distance < _power_of_two_below(comm.world_size):
         partner = _unfolded_rank(index ^ distance, comm.world_size)
@@ -335,16 +342,27 @@ class Ring:
             return
         pieces = flat.tensor_split(p)
         right, left = (rank + 1) % p, (rank - 1) % p
-        scratch = torch.empty_like(pieces[0])  # the first piece is the largest
+        operation = "allreduce:ring"
         # Reduce-scatter: at step s send piece rank - s and add the received piece rank - s - 1 into ours;
-        # after p - 1 steps piece rank + 1 holds the full sum.
+        # after p - 1 steps piece rank + 1 holds the full sum. Allgather: pass the finished pieces on
+        # around the ring, overwriting. Every receive is posted before the first send, each partial piece
+        # into its own scratch slot: a neighbour that is ahead never waits for this rank to ask. Posting
+        # early is safe: a piece's next message from the left depends on what this rank sent before.
+        largest = pieces[0].numel()
+        scratch = comm.scratch("ring", (p - 1) * largest, flat.dtype)
+        partial = [scratch[step * largest:][:pieces[(rank - step - 1) % p].numel()] for step in range(p - 1)]
+        finished = [pieces[(rank - step) % p] for step in range(p - 1)]
+        receives = [_post(comm, [], [(buffer, left)], operation) for buffer in partial + finished]
+        sends = []
         for step in range(p - 1):
-            _reduce_from(comm, pieces[(rank - step) % p], right, pieces[(rank - step - 1) % p], left,
-                         scratch, "allreduce:ring")
-        # Allgather: pass the finished pieces on around the ring, overwriting.
+            sends.append(_post(comm, [(pieces[(rank - step) % p], right)], [], operation))
+            receives[step].wait()
+            pieces[(rank - step - 1) % p].add_(partial[step])
         for step in range(p - 1):
-            _transfer(comm, pieces[(rank + 1 - step) % p], right, pieces[(rank - step) % p], left,
-                      "allreduce:ring")
+            sends.append(_post(comm, [(pieces[(rank + 1 - step) % p], right)], [], operation))
+            receives[p - 1 + step].wait()
+        for send in sends:
+            send.wait()
 
     @staticmethod
     def cost_s(n_bytes: float, world_size: int, alpha_s: float, beta_s_per_byte: float,
@@ -385,21 +403,27 @@ def _halving_doubling(comm: Communicator, flat: torch.Tensor, index: int, operat
     """
     num_blocks = _power_of_two_below(comm.world_size)
     offsets = [0, *accumulate(_piece_sizes(flat.numel(), num_blocks))]
-    scratch = flat.new_empty(offsets[num_blocks // 2])  # the first half is the largest range received
-    distance = num_blocks // 2
-    while distance:
-        partner = _unfolded_rank(index ^ distance, comm.world_size)
-        mine, theirs = index & ~(distance - 1), (index ^ distance) & ~(distance - 1)
-        _reduce_from(comm, _block_range(flat, offsets, theirs, distance), partner,
-                     _block_range(flat, offsets, mine, distance), partner, scratch, operation)
-        distance >>= 1
-    distance = 1
-    while distance < num_blocks:
-        partner = _unfolded_rank(index ^ distance, comm.world_size)
-        mine, theirs = index & ~(distance - 1), (index ^ distance) & ~(distance - 1)
-        _transfer(comm, _block_range(flat, offsets, mine, distance), partner,
-                  _block_range(flat, offsets, theirs, distance), partner, operation)
-        distance <<= 1
+    halving = [num_blocks >> k for k in range(1, num_blocks.bit_length())]  # p'/2, ..., 2, 1
+    doubling = halving[::-1]
+    partners = [_unfolded_rank(index ^ distance, comm.world_size) for distance in halving + doubling]
+    mine = [_block_range(flat, offsets, index & ~(d - 1), d) for d in halving + doubling]
+    theirs = [_block_range(flat, offsets, (index ^ d) & ~(d - 1), d) for d in halving + doubling]
+    # All receives are posted first (as in Ring): halving's into disjoint scratch slots, doubling's
+    # straight into the ranges they finish.
+    slots = list(accumulate((m.numel() for m in mine[:len(halving)]), initial=0))
+    scratch = comm.scratch("rabenseifner", slots[-1], flat.dtype)
+    incoming = [scratch[slots[k]:slots[k + 1]] for k in range(len(halving))] + theirs[len(halving):]
+    receives = [_post(comm, [], [(buffer, partner)], operation) for buffer, partner in zip(incoming, partners)]
+    sends = []
+    for k in range(len(halving)):
+        sends.append(_post(comm, [(theirs[k], partners[k])], [], operation))
+        receives[k].wait()
+        mine[k].add_(incoming[k])
+    for k in range(len(halving), len(partners)):
+        sends.append(_post(comm, [(mine[k], partners[k])], [], operation))
+        receives[k].wait()
+    for send in sends:
+        send.wait()
 
 
 def _halving_doubling_pieces(n_elements: int, world_size: int, index: int) -> list[int]:

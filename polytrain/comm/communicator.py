@@ -56,6 +56,7 @@ class Communicator:
         self.world_size = dist.get_world_size(group)
         self.timeout = timedelta(seconds=timeout_s)
         self.stats = CommStats()
+        self._scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def reset_stats(self) -> None:
         """Starts counting from zero (a new run on the same ranks)."""
@@ -82,12 +83,17 @@ class Communicator:
     def _global(self, peer: int) -> int:
         return peer if self.group is None else dist.get_global_rank(self.group, peer)
 
-    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
-                 operation: str = "p2p") -> None:
-        """Posts all sends and receives at once and waits for them (deadlock-free pairwise exchange).
+    def post(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+             operation: str = "p2p") -> "Pending":
+        """Starts sends and receives without waiting; `.wait()` on the result completes them.
+
+        Algorithms post the receives of later rounds early, so data arriving from a peer that is ahead
+        lands in its buffer at once instead of waiting for this rank to ask for it. Messages between
+        two ranks are matched in the order they are posted.
 
         Args:
-            sends: (tensor, destination rank) pairs; tensors must be contiguous.
+            sends: (tensor, destination rank) pairs; tensors must be contiguous and left untouched
+                until the transfer has been waited for.
             recvs: (buffer, source rank) pairs, filled in place.
             operation: label under which the bytes are counted.
         """
@@ -96,10 +102,28 @@ class Communicator:
         ops = [dist.P2POp(dist.irecv, buffer, self._global(peer), self.group) for buffer, peer in recvs]
         ops += [dist.P2POp(dist.isend, tensor, self._global(peer), self.group) for tensor, peer in sends]
         if not ops:
-            return
-        self._wait(dist.batch_isend_irecv(ops), f"{operation} with ranks {sorted({p for _, p in sends + recvs})}")
+            return Pending(self, [], operation)
         self._count(operation, sum(_nbytes(t) for t, _ in sends), sum(_nbytes(b) for b, _ in recvs),
                     len(sends), len(recvs))
+        return Pending(self, dist.batch_isend_irecv(ops),
+                       f"{operation} with ranks {sorted({p for _, p in sends + recvs})}")
+
+    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+                 operation: str = "p2p") -> None:
+        """Posts all sends and receives at once and waits for them (deadlock-free pairwise exchange)."""
+        self.post(sends, recvs, operation).wait()
+
+    def scratch(self, site: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A buffer of `numel` elements kept for reuse by the call site `site` (e.g. "ring:3").
+
+        Allocating multi-megabyte receive buffers on every call costs page faults that show in the
+        bandwidth of large messages; a site's buffer is valid until the site asks for it again.
+        """
+        key = (site, dtype)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._scratch[key] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel]
 
     def send(self, tensor: torch.Tensor, dst: int, operation: str = "p2p") -> None:
         """Sends `tensor` to rank `dst` and waits until it has been handed over."""
@@ -124,3 +148,14 @@ class Communicator:
     def barrier(self) -> None:
         """Waits for every rank (a zero-byte native collective, not counted)."""
         self._wait([dist.barrier(group=self.group, async_op=True)], "barrier")
+
+
+class Pending:
+    """Transfers started by Communicator.post; `wait` completes them within the communicator's timeout."""
+
+    def __init__(self, comm: Communicator, works: list, what: str) -> None:
+        self.comm, self.works, self.what = comm, works, what
+
+    def wait(self) -> None:
+        self.comm._wait(self.works, self.what)
+        self.works = []
