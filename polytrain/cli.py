@@ -38,6 +38,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     for name, kind in _FIELD_FLAGS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, dest=name)
     parser.add_argument("--strategy", default=None, help="NAME[:k=v,...]")
+    parser.add_argument("--compressor", default=None, help="NAME[+NAME][:k=v,...] (gradient compression)")
     parser.add_argument("--data-path", default=None, help="directory of a user dataset (mnist, cifar10, ...)")
     parser.add_argument("--config", default=None, help="TOML file of settings")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -97,6 +98,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     overrides.update({name: getattr(args, name) for name in _FIELD_FLAGS if getattr(args, name) is not None})
     if args.strategy is not None:
         overrides["strategy"], overrides["strategy_args"] = parse_named(args.strategy, "--strategy")
+    if args.compressor is not None:
+        overrides["compressor"], overrides["compressor_args"] = parse_named(args.compressor, "--compressor")
     if args.data_path is not None:
         overrides["dataset_args.path"] = args.data_path
     overrides.update(parse_assignments(args.set))

@@ -38,6 +38,10 @@ class Experiment:
         workers: number of worker ranks.
         strategy: how workers cooperate (None: local for one worker, allreduce for more).
         strategy_args: arguments of the strategy.
+        compressor: gradient compressor (None: gradients are sent uncompressed), a registered name or
+            `first+second` (polytrain.compress.build).
+        compressor_args: arguments of the compressor and its wrappers (ef, min_numel, exclude_biases,
+            exclude, min_rate).
         epochs: passes over the training split.
         batch_size: global batch: samples per optimizer step over all workers.
         optimizer: torch.optim optimizer by registered name.
@@ -71,6 +75,8 @@ class Experiment:
     workers: int = 1
     strategy: str | None = None
     strategy_args: dict = field(default_factory=dict)
+    compressor: str | None = None
+    compressor_args: dict = field(default_factory=dict)
     epochs: int | None = None
     batch_size: int | None = None
     optimizer: str | None = None

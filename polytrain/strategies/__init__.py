@@ -38,6 +38,9 @@ class Strategy(Protocol):
     def after_backward(self, model: nn.Module) -> None:
         """Called once the local gradients of a step are complete, before clipping and the optimizer step."""
 
+    def set_batch_size(self, global_batch: int) -> None:
+        """Called at the start of every epoch with the global batch size of its steps."""
+
     def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """Sums a small tensor of metrics over all ranks (e.g. evaluation counts)."""
 
@@ -46,6 +49,12 @@ class Strategy(Protocol):
 
     def comm_stats(self, steps: int) -> dict:
         """The result.json `comm` section: rank 0's counts, per-step bytes and every rank's counts."""
+
+    def state_dict(self) -> dict:
+        """State to keep in checkpoints (collective: every rank calls it at the same step)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict returned."""
 
     def close(self) -> None:
         """Releases threads and hooks."""
@@ -85,6 +94,9 @@ class Local:
     def after_backward(self, model: nn.Module) -> None:
         """Nothing to exchange: the local gradient is the global one."""
 
+    def set_batch_size(self, global_batch: int) -> None:
+        """One worker needs no batch-dependent plan."""
+
     def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
@@ -96,6 +108,12 @@ class Local:
         zero = {"bytes_sent": 0, "bytes_received": 0, "messages_sent": 0, "messages_received": 0,
                 "estimated": False, "by_operation": {}}
         return comm_section([zero], steps)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore."""
 
     def close(self) -> None:
         pass

@@ -8,11 +8,13 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from polytrain.compress import check_compressor
 from polytrain.config import ConfigError, Experiment
 from polytrain.data import DATASETS
 from polytrain.models import MODELS
 from polytrain.ops.precision import ROUNDING_MODES, parse_format
 from polytrain.strategies import STRATEGIES
+from polytrain.train.compression import check_momentum_takeover
 from polytrain.train.optim import OPTIMIZERS, SCHEDULES
 
 # The model a dataset trains when none is named.
@@ -76,7 +78,7 @@ def validate(exp: Experiment) -> None:
     for registry, name in ((MODELS, exp.model), (DATASETS, exp.dataset), (STRATEGIES, exp.strategy),
                            (OPTIMIZERS, exp.optimizer), (SCHEDULES, exp.schedule)):
         registry.get(name)
-    STRATEGIES.check_arguments(exp.strategy, exp.strategy_args, fixed=("comm",))
+    STRATEGIES.check_arguments(exp.strategy, exp.strategy_args, fixed=("comm", "compressor"))
     STRATEGIES.get(exp.strategy).check(**exp.strategy_args)
     _check(exp.workers >= 1, f"workers must be at least 1, got {exp.workers}")
     _check(exp.epochs >= 1, f"epochs must be at least 1, got {exp.epochs}")
@@ -86,6 +88,12 @@ def validate(exp: Experiment) -> None:
     _check(exp.workers == 1 or getattr(STRATEGIES.get(exp.strategy), "parallel", False),
            f"--workers {exp.workers} needs a parallel strategy; '{exp.strategy}' runs a single worker "
            f"(strategies: {', '.join(STRATEGIES.names())})")
+    if exp.compressor is not None:
+        _check(getattr(STRATEGIES.get(exp.strategy), "compresses", False),
+               f"--compressor needs a strategy that sums gradients over workers (allreduce); "
+               f"'{exp.strategy}' does not (use --workers 2 or more)")
+        check_compressor(exp.compressor, exp.compressor_args)
+        check_momentum_takeover(exp.compressor, exp.compressor_args, exp.optimizer)
     local_batch = exp.batch_size // exp.workers
     _check(1 <= exp.microbatches <= local_batch,
            f"{exp.microbatches} microbatches cannot split a per-worker batch of {local_batch} "

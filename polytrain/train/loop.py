@@ -24,6 +24,7 @@ from polytrain.launch import init_from_torchrun, run_workers, under_torchrun
 from polytrain.models import build_model
 from polytrain.ops.precision import parse_format, quantize_parameters_, rounding_generator
 from polytrain.strategies import STRATEGIES, Strategy
+from polytrain.train.compression import build_run_compressor
 from polytrain.train.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, rng_state,
                                         save_checkpoint, set_rng_state)
 from polytrain.train.defaults import resolve
@@ -127,13 +128,19 @@ class Trainer:
             raise ConfigError(f"augmentation needs image samples (C, H, W); dataset {exp.dataset} gives "
                               f"{self.data.in_shape} (set augment_shift=0 and augment_flip=false)")
         torch.manual_seed(exp.seed)
-        self.strategy: Strategy = STRATEGIES.get(exp.strategy)(comm, **exp.strategy_args)
+        optimizer_name, strategy_args = exp.optimizer, dict(exp.strategy_args)
+        if exp.compressor is not None:
+            compressor, optimizer_name, notice = build_run_compressor(exp, comm.rank if comm is not None else 0)
+            strategy_args["compressor"] = compressor
+            if notice is not None and (comm is None or comm.rank == 0):
+                print(f"polytrain: {notice}", file=sys.stderr)
+        self.strategy: Strategy = STRATEGIES.get(exp.strategy)(comm, **strategy_args)
         self.rank = self.strategy.rank
         model = build_model(exp.model, self.data.num_classes, self.data.in_shape, **exp.model_args)
         self.model = self.strategy.prepare(model)
         self.number_format = parse_format(exp.precision)
         quantize_parameters_(self.model, self.number_format, "nearest")  # stored in the format from step 0
-        self.optimizer = build_optimizer(exp.optimizer, self.model.parameters(), lr=exp.lr,
+        self.optimizer = build_optimizer(optimizer_name, self.model.parameters(), lr=exp.lr,
                                          momentum=exp.momentum, weight_decay=exp.weight_decay)
         self.schedule: Schedule = build_schedule(exp.schedule, exp.schedule_args, lr=exp.lr, epochs=exp.epochs,
                                                  batch_size=exp.batch_size, warmup_epochs=exp.warmup_epochs,
@@ -145,10 +152,11 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
-    def checkpoint_state(self) -> dict:
+    def checkpoint_state(self, strategy_state: dict) -> dict:
         """Everything needed to continue exactly where training stands."""
         position = self.position
         return {
+            "strategy": strategy_state,
             "config": self.exp.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -162,13 +170,17 @@ class Trainer:
         }
 
     def save(self) -> None:
-        if self.out is not None and self.rank == 0:
-            save_checkpoint(checkpoint_path(self.out), self.checkpoint_state())
+        if self.out is None:
+            return
+        strategy_state = self.strategy.state_dict()  # collective: every rank's compressor state
+        if self.rank == 0:
+            save_checkpoint(checkpoint_path(self.out), self.checkpoint_state(strategy_state))
 
     def restore(self, state: dict) -> None:
         """Continues from a checkpoint written by `checkpoint_state`."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_state_dict(state["strategy"])
         sampler = state["sampler"]
         self.position = _Position(epoch=sampler["epoch"], step=sampler["step"], global_step=state["global_step"],
                                   wall_s=state["wall_s"], history=list(state["history"]),
@@ -200,6 +212,7 @@ class Trainer:
         position, epoch = self.position, self.position.epoch
         sampler = self.sampler(epoch)
         steps = sampler.steps_per_epoch()
+        self.strategy.set_batch_size(sampler.global_batch_size)
         self.augmentation = self.draw_augmentation(epoch)
         for indices in sampler.epoch(epoch, start_step=position.step):
             started = time.perf_counter()
