@@ -163,10 +163,13 @@ class AllReduce:
         if self.reducer is not None:
             bucket.future = self.queue.submit(self.reducer.reduce, bucket.params)
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
         if bucket.flat is None:  # allocated once: a fresh multi-MB buffer every step costs page faults
             bucket.flat = torch.empty(sum(p.numel() for p in bucket.params), dtype=bucket.params[0].dtype)
-        torch.cat([g.reshape(-1) for g in grads], out=bucket.flat)
+        for param, slot in zip(bucket.params, self._unflatten(bucket)):
+            if param.grad is None:
+                slot.zero_()
+            elif param.grad.data_ptr() != slot.data_ptr():  # not already its slot (gradients kept, not None)
+                slot.copy_(param.grad)
         bucket.future = self.queue.submit(self.algorithm.all_reduce, self.comm, bucket.flat)
 
     def set_batch_size(self, global_batch: int) -> None:
@@ -185,12 +188,14 @@ class AllReduce:
         factors = self.queue.submit(self.factors.reduce) if self.factors is not None else None
         for bucket in self.buckets:
             result = bucket.future.result()
-            sums = result if self.reducer is not None else self._unflatten(bucket)
-            for param, summed in zip(bucket.params, sums):
-                if param.grad is None:
-                    param.grad = summed.clone()
-                else:
-                    param.grad.copy_(summed)
+            if self.reducer is None:
+                # The gradients become views of the summed bucket (DDP's gradient_as_bucket_view): no
+                # copy back. The trainer sets them to None before the next step refills the bucket.
+                for param, summed in zip(bucket.params, self._unflatten(bucket)):
+                    param.grad = summed
+            else:
+                for param, summed in zip(bucket.params, result):
+                    param.grad = summed.clone()  # a compressor's result may share memory with its state
             bucket.ready, bucket.future = 0, None
         if factors is not None:
             factors.result()
