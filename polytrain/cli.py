@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 from polytrain.comm import CommError
 from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
+from polytrain.comm.sparse import SPARSE_ALLREDUCE_ALGORITHMS
+from polytrain.compress import COMPRESSORS
 from polytrain.config import Experiment, apply_overrides, load_toml, parse_assignments, parse_named
 from polytrain.data import DATASETS
 from polytrain.launch import WorkerFailed
@@ -31,6 +33,7 @@ _FIELD_FLAGS = {"model": str, "dataset": str, "workers": int, "epochs": int, "ba
 
 REGISTRIES = {"models": MODELS, "datasets": DATASETS, "optimizers": OPTIMIZERS, "schedules": SCHEDULES,
               "strategies": STRATEGIES, "allreduce algorithms": ALLREDUCE_ALGORITHMS,
+              "sparse allreduce algorithms": SPARSE_ALLREDUCE_ALGORITHMS, "compressors": COMPRESSORS,
               "convolution algorithms": CONV_ALGORITHMS}
 
 
