@@ -85,7 +85,7 @@ class Masked:
     and `exclude_biases` is set (biases, batch-norm scales and shifts), its parameter name matches the
     regular expression `exclude` (re.search), or `inner` would shrink it by less than `min_rate`
     (4 * numel / inner.payload_bytes(numel) < min_rate; the default 1.0 never sends a tensor larger than
-    as float32). Otherwise it gets `inner`. For use where a single compressor is expected, Masked
+    as float32; not applied to variable-size compressors such as threshold). Otherwise it gets `inner`. For use where a single compressor is expected, Masked
     delegates the whole protocol to `inner`; the strategy calls `select` for each parameter.
 
     Args:
@@ -132,7 +132,8 @@ class Masked:
         skip = (numel < self.min_numel
                 or (self.exclude_biases and tensor.dim() == 1)
                 or (self._pattern is not None and self._pattern.search(name) is not None)
-                or self.rate(numel) < self.min_rate)
+                # A variable-size payload's payload_bytes is only an upper bound: no rate to compare.
+                or (self.inner.fixed_size and self.rate(numel) < self.min_rate))
         return self.plain if skip else self.inner
 
     @property

@@ -189,3 +189,9 @@ def test_chain_refuses_what_it_cannot_compose(first, second, message):
 def test_error_feedback_refuses_onebit_directly():
     with pytest.raises(ValueError, match="built in"):
         ErrorFeedback(OneBit())
+
+
+def test_masked_does_not_exclude_variable_size_compressors_by_their_upper_bound():
+    from polytrain.compress.sparsify import Threshold
+    masked = Masked(Threshold(tau=0.1), exclude_biases=True)  # payload_bytes bounds 4.125 bytes per element
+    assert masked.select("fc.weight", torch.zeros(300, 200)) is masked.inner
