@@ -79,10 +79,10 @@ class SignSGD:
 
     Each rank sends its gradient's signs and its scale ||g||_1 / d (mean |g|). `combine` returns
     sign(sum of the ranks' signs) (0 on a tied vote) times the sum of the ranks' scales. A gather's
-    aggregate is on the scale of a sum over ranks (the strategy divides it by the number of workers), so
-    the averaged update is sign(vote) * mean scale: of the size of the gradient itself, so a learning rate
-    tuned for plain SGD carries over. With `scale=False` the aggregate is p * sign(vote) for p ranks,
-    which averages to the unscaled sign of the paper (whose learning rates are then those of signSGD,
+    aggregate is on the scale of a sum over ranks (each rank's gradient is already divided by the global
+    batch, so the sum is the mean gradient), and sign(vote) * summed scale is of the size of that sum: a
+    learning rate tuned for plain SGD carries over. With `scale=False` the aggregate is p * sign(vote) for
+    p ranks, p times the unscaled sign of the paper (whose learning rates are then those of signSGD,
     e.g. 1e-4 for Adam-like step sizes); the scale is still sent, so the wire size does not change.
     Wire: scale as float32, then one bit per element.
 
