@@ -79,7 +79,7 @@ COMPRESSORS: tuple[tuple[str, str], ...] = (
     ("qsgd:levels=7,bucket=512", "QSGD with the paper's buckets of 512: sign + 3 level bits = 4 bits, like kbit"),
     ("terngrad:clip=2.5", "TernGrad with the paper's clipping at 2.5 standard deviations: ~1.6 bits"),
     ("onebit", "1-bit SGD: its error feedback is built in"),
-    ("signsgd", "signSGD with majority vote, scaled by the mean |g| so the momentum-SGD lr carries over"),
+    ("signsgd", "signSGD with majority vote, scaled by the mean absolute gradient so the momentum-SGD lr carries over"),
     ("efsignsgd", "EF-signSGD: scaled sign with built-in error feedback"),
     ("topk:ratio=0.01,ef=true", "goal row: top-k 1 % with error feedback"),
     ("topk+fp16:ratio=0.01,ef=true", "top-k 1 % with its values sent in fp16 (indices unchanged)"),

@@ -17,9 +17,11 @@ def test_list_prints_every_registry(capsys):
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["models", "datasets", "optimizers", "schedules", "strategies",
-                                                      "allreduce algorithms", "convolution algorithms"]
+                                                      "allreduce algorithms", "sparse allreduce algorithms",
+                                                      "compressors", "convolution algorithms"]
     assert "lenet5" in lines[0] and "mnist5k" in lines[1] and "cosine" in lines[3] and "allreduce" in lines[4]
-    assert "rabenseifner" in lines[5] and "winograd2" in lines[6]
+    assert "rabenseifner" in lines[5] and "dsar_split_allgather" in lines[6] and "powersgd" in lines[7]
+    assert "winograd2" in lines[8]
 
 
 def test_train_writes_results_and_flags_override_config(tmp_path, capsys):

@@ -24,12 +24,10 @@ import torch
 from torch import nn
 
 from polytrain.comm import Communicator
-from polytrain.comm.gather import all_gather
+from polytrain.comm.gather import COUNT_DTYPE, all_gather
 from polytrain.comm.sparse import sparse_all_reduce
 from polytrain.compress import Compressor, Payload, combine, index_dtype
 from polytrain.compress.base import State
-
-COUNT_DTYPE = torch.int32  # element counts of variable-size gather payloads
 
 
 @dataclass
