@@ -123,6 +123,23 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: tuple = (), *, th
         del store
 
 
+def run_on_subworlds(comm: Communicator, fn: Callable[[Communicator], Any]) -> dict[int, Any]:
+    """Runs `fn` on the last p ranks of `comm` for every p from its world size down to 1.
+
+    Conformance batteries use it to cover every world size with one spawn (spawning dominates their run
+    time). Worlds go largest first, so no rank waits on a group it is not in; the groups' ranks differ
+    from the global ones, which the batteries want too. Returns {p: fn's result} for the worlds this rank
+    belongs to.
+    """
+    size = comm.world_size
+    groups = {p: dist.new_group(list(range(size - p, size))) for p in range(size - 1, 0, -1)}
+    results = {size: fn(comm)}
+    for p, group in groups.items():
+        if comm.rank >= size - p:
+            results[p] = fn(Communicator(group, timeout_s=comm.timeout.total_seconds()))
+    return results
+
+
 def _collect(processes: list, results: mp.Queue) -> list[Any]:
     """Waits for every rank's outcome; raises WorkerFailed naming the rank that failed first.
 

@@ -12,10 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from polytrain.comm import Communicator
 from polytrain.comm.gather import (COUNT_BYTES, all_gather, all_gather_bytes_sent, all_gather_cost_s,
                                    all_gather_messages_sent)
-from polytrain.launch import run_workers
+from polytrain.launch import run_on_subworlds, run_workers
 
 TIMEOUT_S = 60
 WORLD_SIZES = range(1, 9)
@@ -91,24 +90,15 @@ def gather_once(comm, group, case_index: int) -> Record:
                   comm.stats.by_operation.get("allgather", 0) - before_operation)
 
 
-def run_battery(comm, group) -> list[Record]:
-    return [gather_once(comm, group, case_index) for case_index in range(len(CASES))]
+def run_battery(comm) -> list[Record]:
+    return [gather_once(comm, comm.group, case_index) for case_index in range(len(CASES))]
 
 
-def run_batteries(comm) -> dict[int, list[Record]]:
-    """Runs the battery on the last p ranks for every p, largest first, so no rank waits on a group it is not in."""
-    groups = {p: dist.new_group(list(range(comm.world_size - p, comm.world_size)))
-              for p in range(comm.world_size - 1, 0, -1)}
-    records = {comm.world_size: run_battery(comm, None)}
-    for p, group in groups.items():
-        if comm.rank >= comm.world_size - p:
-            records[p] = run_battery(Communicator(group, timeout_s=TIMEOUT_S), group)
-    return records
 
 
 @functools.cache
 def all_batteries() -> list[dict[int, list[Record]]]:
-    return run_workers(run_batteries, max(WORLD_SIZES), threads=1, timeout_s=TIMEOUT_S)
+    return run_workers(run_on_subworlds, max(WORLD_SIZES), (run_battery,), threads=1, timeout_s=TIMEOUT_S)
 
 
 def battery(world_size: int) -> list[list[Record]]:

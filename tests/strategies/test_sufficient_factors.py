@@ -15,13 +15,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from polytrain.comm import Communicator
 from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
 from polytrain.comm.gather import all_gather_bytes_sent
-from polytrain.launch import run_workers
+from polytrain.launch import run_on_subworlds, run_workers
 from polytrain.models import build_model
 from polytrain.strategies.sufficient_factors import (OPERATION, SufficientFactors, factor_bytes_sent,
                                                      prefers_factors)
@@ -154,20 +152,11 @@ def run_cases(comm) -> dict:
             for name, case in CASES.items() for microbatches in MICROBATCHES}
 
 
-def run_worlds(comm) -> dict:
-    """Every case on the last p ranks for every p, largest first, so no rank waits on a group it is not in."""
-    groups = {p: dist.new_group(list(range(comm.world_size - p, comm.world_size)))
-              for p in range(comm.world_size - 1, 0, -1)}
-    records = {comm.world_size: run_cases(comm)}
-    for p, group in groups.items():
-        if comm.rank >= comm.world_size - p:
-            records[p] = run_cases(Communicator(group, timeout_s=TIMEOUT_S))
-    return records
 
 
 @functools.cache
 def all_records() -> list[dict]:
-    return run_workers(run_worlds, max(WORLD_SIZES), threads=1, timeout_s=TIMEOUT_S)
+    return run_workers(run_on_subworlds, max(WORLD_SIZES), (run_cases,), threads=1, timeout_s=TIMEOUT_S)
 
 
 def records(world_size: int, name: str, microbatches: int) -> list[dict]:
