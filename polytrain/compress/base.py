@@ -71,14 +71,16 @@ class Compressor(Protocol):
 
 
 def index_dtype(numel: int) -> torch.dtype:
-    """The smallest integer dtype that holds every index of a vector of `numel` elements."""
+    """The smallest integer dtype that holds every index of a vector of `numel` elements.
+
+    Unsigned 16- and 32-bit types (torch supports storing and converting them, not arithmetic) double the
+    range of their signed peers: a vector of up to 65,536 elements, such as LeNet-5's whole gradient, takes
+    2-byte indices. Users convert to int64 before computing with indices.
+    """
     largest = max(numel - 1, 0)
-    if largest < 1 << 8:
-        return torch.uint8
-    if largest < 1 << 15:
-        return torch.int16
-    if largest < 1 << 31:
-        return torch.int32
+    for dtype in (torch.uint8, torch.uint16, torch.uint32):
+        if largest <= torch.iinfo(dtype).max:
+            return dtype
     return torch.int64
 
 

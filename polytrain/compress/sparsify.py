@@ -6,8 +6,8 @@ step's gradient. Shared conventions:
 
 - k = max(1, floor(ratio * numel)) elements are kept (at most numel; none of an empty tensor), see
   `num_selected`.
-- Indices go on the wire in `index_dtype(numel)` (one byte below 256 elements, two below 32768, four
-  below 2^31), sorted ascending and unique, which the sparse allreduce (polytrain.comm.sparse) needs.
+- Indices go on the wire in `index_dtype(numel)` (one byte up to 256 elements, two up to 65,536, four
+  up to 2^32), sorted ascending and unique, which the sparse allreduce (polytrain.comm.sparse) needs.
 - Compressors are functional: `compress` never modifies the state it is given, it returns a new one.
 
 Sources: top-k — Aji & Heafield, "Sparse Communication for Distributed Gradient Descent" (EMNLP 2017);

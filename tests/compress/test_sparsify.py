@@ -188,3 +188,9 @@ def test_invalid_arguments(name, args):
 def test_declared_attributes():
     assert (TopK.aggregation, TopK.fixed_size) == ("sparse", True)
     assert (RandomK.aggregation, RandomK.fixed_size, RandomK.per_rank_seed) == ("sum", True, False)
+
+
+def test_index_dtype_is_the_smallest_that_holds_every_index():
+    expected = {0: torch.uint8, 1: torch.uint8, 256: torch.uint8, 257: torch.uint16, 65536: torch.uint16,
+                65537: torch.uint32, 1 << 32: torch.uint32, (1 << 32) + 1: torch.int64}
+    assert {numel: index_dtype(numel) for numel in expected} == expected
