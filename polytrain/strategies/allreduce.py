@@ -30,7 +30,6 @@ class _Bucket:
     ready: int = 0
     future: Future | None = None
     flat: torch.Tensor | None = field(default=None, repr=False)
-    sums: list[torch.Tensor] | None = field(default=None, repr=False)  # per parameter, when compressed
 
 
 class CommQueue:
@@ -237,9 +236,10 @@ class AllReduce:
 
     def state_dict(self) -> dict:
         """Every rank's compressor state (collective: all ranks call it; residuals differ between ranks)."""
+        if self.reducer is None:
+            return {}
         per_rank: list = [None] * self.world_size
-        mine = self.reducer.state_dict() if self.reducer is not None else {}
-        dist.all_gather_object(per_rank, mine, group=self.comm.group)
+        dist.all_gather_object(per_rank, self.reducer.state_dict(), group=self.comm.group)
         return {"compressor": per_rank}
 
     def load_state_dict(self, state: dict) -> None:

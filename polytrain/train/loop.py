@@ -24,9 +24,9 @@ from polytrain.launch import init_from_torchrun, run_workers, under_torchrun
 from polytrain.models import build_model
 from polytrain.ops.precision import parse_format, quantize_parameters_, rounding_generator
 from polytrain.strategies import STRATEGIES, Strategy
-from polytrain.train.compression import build_run_compressor
 from polytrain.train.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, rng_state,
                                         save_checkpoint, set_rng_state)
+from polytrain.train.compression import build_run_compressor
 from polytrain.train.defaults import resolve
 from polytrain.train.environment import environment
 from polytrain.train.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
