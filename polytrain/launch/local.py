@@ -140,6 +140,17 @@ def run_on_subworlds(comm: Communicator, fn: Callable[[Communicator], Any]) -> d
     return results
 
 
+def run_on_every_world_size(fn: Callable[[Communicator], Any], max_world_size: int, *,
+                            timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[int, list[Any]]:
+    """Spawns `max_world_size` ranks (one thread each) once and runs `fn` on every sub-world of them.
+
+    Returns {p: [fn's result on each of the p ranks, in group-rank order]} for p = 1..max_world_size
+    (see run_on_subworlds).
+    """
+    outcomes = run_workers(run_on_subworlds, max_world_size, (fn,), threads=1, timeout_s=timeout_s)
+    return {p: [outcome[p] for outcome in outcomes[max_world_size - p:]] for p in range(1, max_world_size + 1)}
+
+
 def _collect(processes: list, results: mp.Queue) -> list[Any]:
     """Waits for every rank's outcome; raises WorkerFailed naming the rank that failed first.
 

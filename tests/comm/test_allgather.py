@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from polytrain.comm.gather import (COUNT_BYTES, all_gather, all_gather_bytes_sent, all_gather_cost_s,
                                    all_gather_messages_sent)
-from polytrain.launch import run_on_subworlds, run_workers
+from polytrain.launch import run_on_every_world_size
 
 TIMEOUT_S = 60
 WORLD_SIZES = range(1, 9)
@@ -97,14 +97,13 @@ def run_battery(comm) -> list[Record]:
 
 
 @functools.cache
-def all_batteries() -> list[dict[int, list[Record]]]:
-    return run_workers(run_on_subworlds, max(WORLD_SIZES), (run_battery,), threads=1, timeout_s=TIMEOUT_S)
+def all_batteries() -> dict[int, list[list[Record]]]:
+    return run_on_every_world_size(run_battery, max(WORLD_SIZES), timeout_s=TIMEOUT_S)
 
 
 def battery(world_size: int) -> list[list[Record]]:
     """The records of every rank of a world of `world_size`, indexed [rank][case]."""
-    outcomes = all_batteries()
-    return [outcome[world_size] for outcome in outcomes[len(outcomes) - world_size:]]
+    return all_batteries()[world_size]
 
 
 def lengths_in_bytes(case_index: int, world_size: int) -> list[int]:

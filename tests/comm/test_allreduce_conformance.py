@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
-from polytrain.launch import run_on_subworlds, run_workers
+from polytrain.launch import run_on_every_world_size
 
 TIMEOUT_S = 60
 WORLD_SIZES = range(1, 9)
@@ -87,14 +87,13 @@ def run_battery(comm) -> list[Record]:
 
 
 @functools.cache
-def all_batteries() -> list[dict[int, list[Record]]]:
-    return run_workers(run_on_subworlds, max(WORLD_SIZES), (run_battery,), threads=1, timeout_s=TIMEOUT_S)
+def all_batteries() -> dict[int, list[list[Record]]]:
+    return run_on_every_world_size(run_battery, max(WORLD_SIZES), timeout_s=TIMEOUT_S)
 
 
 def battery(world_size: int) -> list[list[Record]]:
     """The records of every rank of a world of `world_size`, indexed [rank][case]."""
-    outcomes = all_batteries()
-    return [outcome[world_size] for outcome in outcomes[len(outcomes) - world_size:]]
+    return all_batteries()[world_size]
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

@@ -20,7 +20,7 @@ from polytrain.comm.sparse import (SPARSE_ALLREDUCE_ALGORITHMS, WireFormat, spar
                                    sparse_all_reduce_bytes_sent, sparse_all_reduce_messages_sent,
                                    sparse_all_reduce_volume)
 from polytrain.compress.base import index_dtype
-from polytrain.launch import run_on_subworlds, run_workers
+from polytrain.launch import run_on_every_world_size
 from polytrain.registry import UnknownNameError
 
 TIMEOUT_S = 60
@@ -135,14 +135,13 @@ def run_battery(comm) -> list[Record]:
 
 
 @functools.cache
-def all_batteries() -> list[dict[int, list[Record]]]:
-    return run_workers(run_on_subworlds, max(WORLD_SIZES), (run_battery,), threads=1, timeout_s=TIMEOUT_S)
+def all_batteries() -> dict[int, list[list[Record]]]:
+    return run_on_every_world_size(run_battery, max(WORLD_SIZES), timeout_s=TIMEOUT_S)
 
 
 def battery(world_size: int) -> list[list[Record]]:
     """The records of every rank of a world of `world_size`, indexed [rank][case]."""
-    outcomes = all_batteries()
-    return [outcome[world_size] for outcome in outcomes[len(outcomes) - world_size:]]
+    return all_batteries()[world_size]
 
 
 def summation_bound(dtype: torch.dtype, world_size: int) -> float:

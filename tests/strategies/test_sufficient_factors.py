@@ -19,7 +19,7 @@ from torch import nn
 
 from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
 from polytrain.comm.gather import all_gather_bytes_sent
-from polytrain.launch import run_on_subworlds, run_workers
+from polytrain.launch import run_on_every_world_size
 from polytrain.models import build_model
 from polytrain.strategies.sufficient_factors import (OPERATION, SufficientFactors, factor_bytes_sent,
                                                      prefers_factors)
@@ -155,14 +155,13 @@ def run_cases(comm) -> dict:
 
 
 @functools.cache
-def all_records() -> list[dict]:
-    return run_workers(run_on_subworlds, max(WORLD_SIZES), (run_cases,), threads=1, timeout_s=TIMEOUT_S)
+def all_records() -> dict[int, list[dict]]:
+    return run_on_every_world_size(run_cases, max(WORLD_SIZES), timeout_s=TIMEOUT_S)
 
 
 def records(world_size: int, name: str, microbatches: int) -> list[dict]:
     """The records of every rank of a world of `world_size`, in group-rank order."""
-    outcomes = all_records()
-    return [outcome[world_size][(name, microbatches)] for outcome in outcomes[len(outcomes) - world_size:]]
+    return [outcome[(name, microbatches)] for outcome in all_records()[world_size]]
 
 
 @functools.cache
