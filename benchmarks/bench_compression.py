@@ -243,8 +243,7 @@ class _Coder:
         # Steady state: DGC's warm-up sends up to 25 % of the elements during its first steps.
         args = {key: value for key, value in args.items() if key != "warmup_steps"}
         compressor = build_compressor(name, args, rank=0)
-        select = getattr(compressor, "select", None)
-        self.members = [select(n, g) if select is not None else compressor for n, g in gradients]
+        self.members = [compressor.select(n, g) for n, g in gradients]
         self.states = [member.init(g) for member, (_, g) in zip(self.members, gradients)]
         self.payload_bytes = 0
 
@@ -255,7 +254,7 @@ class _Coder:
         for i, (member, (_, grad)) in enumerate(zip(self.members, gradients)):
             payload, self.states[i] = member.compress(grad, self.states[i])
             nbytes += payload.nbytes()
-            for _ in range(1, getattr(member, "rounds", 1)):  # one process: the "sum" is its own payload
+            for _ in range(1, member.rounds):  # one process: the "sum" is its own payload
                 payload, self.states[i] = member.refine(payload, self.states[i])
                 nbytes += payload.nbytes()
             payloads.append(payload)

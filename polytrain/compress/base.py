@@ -15,7 +15,7 @@ Each compressor declares how payloads of different ranks combine (`aggregation`)
   `decompress` of the summed payload is the sum of the ranks' tensors as decompressed (a linear code:
   fp16, bf16, random-k with a shared seed). A summable compressor may need several rounds (PowerSGD):
   it then has `rounds > 1` and `refine(summed, state)` turns round k's summed payload into round k+1's.
-- "gather": payloads are allgathered; the result is `combine(payloads)` (by default the sum of the
+- "gather": payloads are allgathered; the result is `c.combine(payloads)` (by default the sum of the
   decompressed payloads). Compressors whose wire sizes differ between ranks set `fixed_size = False`;
   the transport then sends each wire tensor's element count first (4 bytes each, the stated header).
 - "sparse": wire is `[indices, values]` (indices sorted ascending, unique, in the smallest integer dtype
@@ -55,11 +55,20 @@ class Payload:
 
 
 class Compressor(Protocol):
-    """A gradient compressor (see the module docstring for the contract)."""
+    """A gradient compressor (see the module docstring for the contract).
+
+    Compressor classes derive from CompressorTraits, which gives every member after `fixed_size` its
+    default; a compressor declares only the traits in which it differs.
+    """
 
     name: str
     aggregation: Aggregation
     fixed_size: bool  # every rank's wire tensors have the same sizes for the same input shape
+    rounds: int  # summed rounds per step; rounds after the first come from `refine` (PowerSGD: 2)
+    per_rank_seed: bool  # its draws must differ between ranks: it is built with seed + 1000003 * rank
+    elementwise: bool  # one wire tensor whose element i encodes element i of the input (fp16, none)
+    error_feedback_builtin: bool  # keeps its own residual, so ErrorFeedback around it is refused
+    owns_momentum: bool  # applies momentum itself (DGC's momentum correction); the optimizer must not
 
     def init(self, tensor: torch.Tensor) -> State: ...
 
@@ -68,6 +77,36 @@ class Compressor(Protocol):
     def decompress(self, payload: Payload) -> torch.Tensor: ...
 
     def payload_bytes(self, numel: int) -> int: ...
+
+    def select(self, name: str, tensor: torch.Tensor) -> Compressor: ...
+
+    def combine(self, payloads: list[Payload]) -> torch.Tensor: ...
+
+
+class CompressorTraits:
+    """Defaults of Compressor's optional members; every compressor class derives from it.
+
+    By default a compressor runs one round, shares its seed between ranks, sends no elementwise code,
+    keeps no residual and no momentum, compresses every parameter alike and combines gathered payloads
+    by summing their decompressions.
+    """
+
+    rounds = 1
+    per_rank_seed = False
+    elementwise = False
+    error_feedback_builtin = False
+    owns_momentum = False
+
+    def select(self, name: str, tensor: torch.Tensor) -> Compressor:
+        """The compressor for the parameter `name` of `tensor`'s shape: this one (Masked picks per tensor)."""
+        return self
+
+    def combine(self, payloads: list[Payload]) -> torch.Tensor:
+        """The aggregate of allgathered payloads: the sum of their decompressions."""
+        total = self.decompress(payloads[0]).clone()
+        for payload in payloads[1:]:
+            total.add_(self.decompress(payload))
+        return total
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -84,24 +123,14 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int64
 
 
-def combine(compressor: Compressor, payloads: list[Payload]) -> torch.Tensor:
-    """The aggregate of allgathered payloads: the compressor's own `combine` or the sum of decompressions."""
-    own = getattr(compressor, "combine", None)
-    if own is not None:
-        return own(payloads)
-    total = compressor.decompress(payloads[0]).clone()
-    for payload in payloads[1:]:
-        total.add_(compressor.decompress(payload))
-    return total
-
-
 @COMPRESSORS.register("none")
-class NoCompression:
+class NoCompression(CompressorTraits):
     """The uncompressed tensor as it is (the fp32 baseline and what per-layer exclusion falls back to)."""
 
     name = "none"
     aggregation: Aggregation = "sum"
     fixed_size = True
+    elementwise = True
 
     def init(self, tensor: torch.Tensor) -> State:
         return {}

@@ -60,7 +60,7 @@ def _member_arguments(name: str, members: list[str], args: Mapping[str, Any]) ->
 
 def _build_member(member: str, args: dict[str, Any], rank: int) -> Compressor:
     factory = COMPRESSORS.get(member)
-    if getattr(factory, "per_rank_seed", False) and "seed" in _parameters(member):
+    if factory.per_rank_seed and "seed" in _parameters(member):
         default = inspect.signature(factory).parameters["seed"].default
         seed = args.get("seed", default)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -89,7 +89,7 @@ def build_compressor(name: str, args: Mapping[str, Any], rank: int = 0) -> Compr
     if not isinstance(ef, bool):
         raise ValueError(f"compressor {name} ef must be true or false; got {ef!r}")
     if ef:
-        builtin = [c.name for c in built if getattr(c, "error_feedback_builtin", False)]
+        builtin = [c.name for c in built if c.error_feedback_builtin]
         if builtin:
             raise ValueError(f"compressor {builtin[0]} has error feedback built in; drop ef=true")
         compressor = ErrorFeedback(compressor)

@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from polytrain.compress.base import COMPRESSORS, Aggregation, Payload, State, index_dtype
+from polytrain.compress.base import COMPRESSORS, Aggregation, CompressorTraits, Payload, State, index_dtype
 from polytrain.compress.sparsify import (check_flag, check_ratio, is_number, num_selected, sparse_payload,
                                          sparse_to_dense)
 
@@ -46,7 +46,7 @@ WARMUP_START_DENSITY = 0.25  # Lin et al. 2018, warm-up training: 75% sparsity i
 
 
 @COMPRESSORS.register("dgc")
-class DeepGradientCompression:
+class DeepGradientCompression(CompressorTraits):
     """Deep Gradient Compression (Lin et al., ICLR 2018); see the module docstring for the algorithm.
 
     State: "u" (momentum buffer) and "v" (accumulated velocity), both float32 of the tensor's shape,

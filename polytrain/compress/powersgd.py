@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from polytrain.compress.base import COMPRESSORS, Aggregation, Payload, State
+from polytrain.compress.base import COMPRESSORS, Aggregation, CompressorTraits, Payload, State
 from polytrain.compress.sparsify import check_flag, check_seed, is_number, shared_generator
 
 
@@ -58,7 +58,7 @@ def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
 
 
 @COMPRESSORS.register("powersgd")
-class PowerSGD:
+class PowerSGD(CompressorTraits):
     """Rank-r PowerSGD with error feedback and warm start (Vogels et al., NeurIPS 2019).
 
     State: "q" (m x r, the warm-start Q), "error" (the tensor's shape), "step" (0-d int64, which seeds a

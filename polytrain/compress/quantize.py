@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from polytrain.compress.base import COMPRESSORS, Aggregation, Payload, State
+from polytrain.compress.base import COMPRESSORS, Aggregation, CompressorTraits, Payload, State
 from polytrain.compress.packing import pack, pack_trits, packed_bytes, trit_bytes, unpack, unpack_trits
 from polytrain.compress.sparsify import shared_generator
 
@@ -49,7 +49,6 @@ class _Cast:
     dtype: torch.dtype
     aggregation: Aggregation = "sum"
     fixed_size = True
-    per_rank_seed = False
     elementwise = True  # one wire tensor, element i encodes element i (Chain relies on it for sparse values)
 
     def init(self, tensor: torch.Tensor) -> State:
@@ -67,7 +66,7 @@ class _Cast:
 
 
 @COMPRESSORS.register("fp16")
-class Float16(_Cast):
+class Float16(_Cast, CompressorTraits):
     """IEEE half precision (11-bit significand), summed in fp16 by the allreduce; see _Cast."""
 
     name = "fp16"
@@ -75,7 +74,7 @@ class Float16(_Cast):
 
 
 @COMPRESSORS.register("bf16")
-class BFloat16(_Cast):
+class BFloat16(_Cast, CompressorTraits):
     """bfloat16 (8-bit significand, float32's exponent), summed in bf16 by the allreduce; see _Cast."""
 
     name = "bf16"
@@ -108,7 +107,7 @@ class _Stochastic:
 
 
 @COMPRESSORS.register("kbit")
-class KBit(_Stochastic):
+class KBit(_Stochastic, CompressorTraits):
     """Stochastic uniform quantization to 2^bits levels between the tensor's min and max.
 
     With lo, hi the min and max and L = 2^bits - 1, element x becomes code floor((x - lo) / (hi - lo) * L
@@ -156,7 +155,7 @@ class KBit(_Stochastic):
 
 
 @COMPRESSORS.register("qsgd")
-class QSGD(_Stochastic):
+class QSGD(_Stochastic, CompressorTraits):
     """QSGD (Alistarh et al., NeurIPS 2017): norm, signs and stochastic levels 0..s.
 
     Element x of a bucket with 2-norm ||v|| becomes level l = floor(|x| / ||v|| * s + u), u ~ U[0, 1), and
@@ -220,7 +219,7 @@ class QSGD(_Stochastic):
 
 
 @COMPRESSORS.register("terngrad")
-class TernGrad(_Stochastic):
+class TernGrad(_Stochastic, CompressorTraits):
     """TernGrad (Wen et al., NeurIPS 2017): layer-wise scale s = max|g| and values in {-1, 0, +1}.
 
     Element g becomes s * sign(g) * b with b ~ Bernoulli(|g| / s), unbiased, with the paper's

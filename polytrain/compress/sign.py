@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from polytrain.compress.base import COMPRESSORS, Aggregation, Payload, State
+from polytrain.compress.base import COMPRESSORS, Aggregation, CompressorTraits, Payload, State
 from polytrain.compress.packing import pack, packed_bytes, unpack
 from polytrain.compress.sparsify import check_flag
 
@@ -30,7 +30,7 @@ def _mean_abs(flat: torch.Tensor) -> torch.Tensor:
 
 
 @COMPRESSORS.register("onebit")
-class OneBit:
+class OneBit(CompressorTraits):
     """1-bit SGD with error feedback (Seide et al. 2014): two reconstruction values per tensor.
 
     With e the residual, x = g + e is quantized to 1 bit per element (x >= 0 or not); the receiver
@@ -44,7 +44,6 @@ class OneBit:
     name = "onebit"
     aggregation: Aggregation = "gather"
     fixed_size = True
-    per_rank_seed = False
     error_feedback_builtin = True  # the residual is the paper's error feedback
 
     def init(self, tensor: torch.Tensor) -> State:
@@ -74,7 +73,7 @@ class OneBit:
 
 
 @COMPRESSORS.register("signsgd")
-class SignSGD:
+class SignSGD(CompressorTraits):
     """signSGD with majority vote (Bernstein et al. 2018): ranks send signs, the vote is summed.
 
     Each rank sends its gradient's signs and its scale ||g||_1 / d (mean |g|). `combine` returns
@@ -93,7 +92,6 @@ class SignSGD:
     name = "signsgd"
     aggregation: Aggregation = "gather"
     fixed_size = True
-    per_rank_seed = False
 
     def __init__(self, scale: bool = True) -> None:
         self.scale = check_flag("signsgd", "scale", scale)
@@ -132,7 +130,7 @@ class SignSGD:
 
 
 @COMPRESSORS.register("efsignsgd")
-class EFSignSGD:
+class EFSignSGD(CompressorTraits):
     """EF-signSGD (Karimireddy et al. 2019, Algorithm 1): scaled sign of g + e, the error kept in e.
 
     With x = g + e and d elements, the rank sends delta = (||x||_1 / d) sign(x) and keeps e = x - delta.
@@ -143,7 +141,6 @@ class EFSignSGD:
     name = "efsignsgd"
     aggregation: Aggregation = "gather"
     fixed_size = True
-    per_rank_seed = False
     error_feedback_builtin = True
 
     def init(self, tensor: torch.Tensor) -> State:

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from polytrain.compress.base import COMPRESSORS, Aggregation, Payload, State, index_dtype
+from polytrain.compress.base import COMPRESSORS, Aggregation, CompressorTraits, Payload, State, index_dtype
 from polytrain.compress.packing import pack, packed_bytes, unpack
 
 _MASK_64 = (1 << 64) - 1
@@ -97,7 +97,7 @@ def sparse_to_dense(payload: Payload) -> torch.Tensor:
 
 
 @COMPRESSORS.register("topk")
-class TopK:
+class TopK(CompressorTraits):
     """Sends the k elements of largest magnitude as [indices, values] (Aji & Heafield 2017).
 
     Use it with error feedback (`ef=true`): without it the small elements are never applied
@@ -134,7 +134,7 @@ class TopK:
 
 
 @COMPRESSORS.register("randomk")
-class RandomK:
+class RandomK(CompressorTraits):
     """Sends k elements at indices every rank draws alike, so only the values travel and they add up.
 
     The indices are drawn uniformly without replacement from a generator seeded by (seed, step, numel),
@@ -191,7 +191,7 @@ class RandomK:
 
 
 @COMPRESSORS.register("threshold")
-class Threshold:
+class Threshold(CompressorTraits):
     """Strom's threshold quantization: every element with |g| >= tau is sent as its index and sign.
 
     The receiver reconstructs each sent element as +tau or -tau (Strom, Interspeech 2015). The rest of

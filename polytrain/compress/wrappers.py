@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from polytrain.compress.base import Aggregation, Compressor, NoCompression, Payload, State, combine
+from polytrain.compress.base import Aggregation, Compressor, CompressorTraits, NoCompression, Payload, State
 
 
 def _prefixed(prefix: str, state: State) -> State:
@@ -30,33 +30,46 @@ def _unprefixed(prefix: str, state: State) -> State:
 
 
 def _single_round(role: str, compressor: Compressor) -> None:
-    rounds = getattr(compressor, "rounds", 1)
-    if rounds != 1:
-        raise ValueError(f"{role} cannot wrap compressor {compressor.name}: it runs {rounds} rounds "
-                         f"per step; expected a single-round compressor")
+    if compressor.rounds != 1:
+        raise ValueError(f"{role} cannot wrap compressor {compressor.name}: it runs {compressor.rounds} "
+                         f"rounds per step; expected a single-round compressor")
 
 
-class ErrorFeedback:
+def forward_traits(wrapper: Compressor, *members: Compressor) -> None:
+    """Gives `wrapper` the traits of the compressors it wraps (one, or a chain's two).
+
+    A wrapper has fixed sizes and an elementwise code only if all its members do; it has a trait that
+    marks something a member does (per-rank draws, a built-in residual, momentum) if any member does, and
+    runs as many rounds as its longest member.
+    """
+    wrapper.fixed_size = all(member.fixed_size for member in members)
+    wrapper.elementwise = all(member.elementwise for member in members)
+    wrapper.per_rank_seed = any(member.per_rank_seed for member in members)
+    wrapper.error_feedback_builtin = any(member.error_feedback_builtin for member in members)
+    wrapper.owns_momentum = any(member.owns_momentum for member in members)
+    wrapper.rounds = max(member.rounds for member in members)
+
+
+class ErrorFeedback(CompressorTraits):
     """Error feedback around `inner`: the part of t + e that `inner` did not send becomes the new e.
 
         corrected = t + e;  payload = inner.compress(corrected);  e = corrected - inner.decompress(payload)
 
     so what is sent plus the new residual is exactly what was to be sent (nothing is lost, only delayed).
-    State: inner's state under "inner." plus "residual" (float32, the tensor's shape). Aggregation, wire
-    sizes and combine are inner's. Compressors that keep their own error (`error_feedback_builtin`) and
+    State: inner's state under "inner." plus "residual" (float32, the tensor's shape). Aggregation, traits
+    and combine are inner's. Compressors that keep their own error (`error_feedback_builtin`) and
     multi-round ones (PowerSGD's residual is only known after the last round) are refused.
     """
 
     def __init__(self, inner: Compressor) -> None:
-        if getattr(inner, "error_feedback_builtin", False):
+        if inner.error_feedback_builtin:
             raise ValueError(f"compressor {inner.name} has error feedback built in; "
                              f"wrapping it in error feedback would feed the error back twice")
         _single_round("error feedback", inner)
         self.inner = inner
         self.name = f"ef({inner.name})"
         self.aggregation: Aggregation = inner.aggregation
-        self.fixed_size = inner.fixed_size
-        self.per_rank_seed = getattr(inner, "per_rank_seed", False)
+        forward_traits(self, inner)
 
     def init(self, tensor: torch.Tensor) -> State:
         residual = torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
@@ -72,13 +85,13 @@ class ErrorFeedback:
         return self.inner.decompress(payload)
 
     def combine(self, payloads: list[Payload]) -> torch.Tensor:
-        return combine(self.inner, payloads)
+        return self.inner.combine(payloads)
 
     def payload_bytes(self, numel: int) -> int:
         return self.inner.payload_bytes(numel)
 
 
-class Masked:
+class Masked(CompressorTraits):
     """Compresses only the tensors worth compressing; `select(name, tensor)` picks per parameter.
 
     A tensor is sent uncompressed (NoCompression) when it has fewer than `min_numel` elements, is 1-D
@@ -118,8 +131,7 @@ class Masked:
         self.plain = NoCompression()
         self.name = f"masked({inner.name})"
         self.aggregation: Aggregation = inner.aggregation
-        self.fixed_size = inner.fixed_size
-        self.per_rank_seed = getattr(inner, "per_rank_seed", False)
+        forward_traits(self, inner)
 
     def rate(self, numel: int) -> float:
         """inner's compression rate 4 * numel / payload_bytes(numel) (inf for a free payload)."""
@@ -136,10 +148,6 @@ class Masked:
                 or (self.inner.fixed_size and self.rate(numel) < self.min_rate))
         return self.plain if skip else self.inner
 
-    @property
-    def rounds(self) -> int:
-        return getattr(self.inner, "rounds", 1)
-
     def refine(self, summed: Payload, state: State):
         return self.inner.refine(summed, state)
 
@@ -153,18 +161,13 @@ class Masked:
         return self.inner.decompress(payload)
 
     def combine(self, payloads: list[Payload]) -> torch.Tensor:
-        return combine(self.inner, payloads)
+        return self.inner.combine(payloads)
 
     def payload_bytes(self, numel: int) -> int:
         return self.inner.payload_bytes(numel)
 
 
-def _is_elementwise(compressor: Compressor) -> bool:
-    """Whether the compressor maps a vector to one wire tensor of the same length, element by element."""
-    return getattr(compressor, "elementwise", False) or isinstance(compressor, NoCompression)
-
-
-class Chain:
+class Chain(CompressorTraits):
     """`second` compresses each floating-point wire tensor of `first`'s payload; integer ones pass as is.
 
     E.g. Chain(topk, fp16) sends top-k's indices unchanged and its values in fp16. Decompression
@@ -186,7 +189,7 @@ class Chain:
     def __init__(self, first: Compressor, second: Compressor) -> None:
         _single_round("a chain", first)
         _single_round("a chain", second)
-        if getattr(second, "error_feedback_builtin", False):
+        if second.error_feedback_builtin:
             raise ValueError(f"compressor {second.name} keeps a residual of its input's shape and cannot be "
                              f"the second member of a chain; use ef=true on the chain instead")
         if not first.fixed_size:
@@ -195,10 +198,9 @@ class Chain:
         self.first = first
         self.second = second
         self.name = f"{first.name}+{second.name}"
-        summable = second.aggregation == "sum" and (first.aggregation != "sparse" or _is_elementwise(second))
+        summable = second.aggregation == "sum" and (first.aggregation != "sparse" or second.elementwise)
         self.aggregation: Aggregation = first.aggregation if summable else "gather"
-        self.fixed_size = first.fixed_size and second.fixed_size
-        self.per_rank_seed = getattr(first, "per_rank_seed", False) or getattr(second, "per_rank_seed", False)
+        forward_traits(self, first, second)
         self._bytes: dict[int, int] = {}
 
     def init(self, tensor: torch.Tensor) -> State:

@@ -26,7 +26,7 @@ from torch import nn
 from polytrain.comm import Communicator
 from polytrain.comm.gather import COUNT_DTYPE, all_gather
 from polytrain.comm.sparse import sparse_all_reduce
-from polytrain.compress import Compressor, Payload, combine, index_dtype
+from polytrain.compress import Compressor, Payload, index_dtype
 from polytrain.compress.base import State
 
 
@@ -62,10 +62,9 @@ class CompressedReducer:
         self.compressor = compressor
         self.algorithm = algorithm
         self.sparse_algorithm = sparse_algorithm
-        select = getattr(compressor, "select", None)
         self.entries: dict[nn.Parameter, _Entry] = {}
         for name, param in named_parameters:
-            chosen = select(name, param) if select is not None else compressor
+            chosen = compressor.select(name, param)
             self.entries[param] = _Entry(name, param, chosen, chosen.init(param.detach()))
 
     def uncompressed(self) -> list[str]:
@@ -100,7 +99,7 @@ class CompressedReducer:
             still = []
             for i in active:
                 compressor = entries[i].compressor
-                if getattr(compressor, "rounds", 1) > round_number:
+                if compressor.rounds > round_number:
                     payloads[i], entries[i].state = compressor.refine(payloads[i], entries[i].state)
                     still.append(i)
                 else:
@@ -129,7 +128,7 @@ class CompressedReducer:
         gathered = all_gather(self.comm, torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8),
                               fixed_size=fixed)
         per_rank = [self._unpack(buffer, entries, payloads, len(counts)) for buffer in gathered]
-        return [combine(e.compressor, [rank_payloads[i] for rank_payloads in per_rank])
+        return [e.compressor.combine([rank_payloads[i] for rank_payloads in per_rank])
                 for i, e in enumerate(entries)]
 
     @staticmethod

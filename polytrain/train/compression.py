@@ -16,7 +16,7 @@ _TAKEOVER = {"momentum": True, "sgd": False}
 
 def owns_momentum(name: str) -> bool:
     """Whether compressor `name` (or a member of the chain `a+b`) applies momentum itself."""
-    return any(getattr(COMPRESSORS.get(member), "owns_momentum", False) for member in name.split("+"))
+    return any(COMPRESSORS.get(member).owns_momentum for member in name.split("+"))
 
 
 def check_momentum_takeover(name: str, args: dict, optimizer: str) -> None:

@@ -12,7 +12,7 @@ through ErrorFeedback, which must conserve the residual.
 import pytest
 import torch
 
-from polytrain.compress import COMPRESSORS, Payload, combine, index_dtype
+from polytrain.compress import COMPRESSORS, CompressorTraits, Payload, index_dtype
 from polytrain.compress.wrappers import ErrorFeedback
 
 NAMES = COMPRESSORS.names()
@@ -28,7 +28,7 @@ def _send(compressor, tensor, state):
     """All rounds for one rank alone: (final payload, state, bytes over all rounds)."""
     payload, state = compressor.compress(tensor, state)
     nbytes = payload.nbytes()
-    for _ in range(getattr(compressor, "rounds", 1) - 1):
+    for _ in range(compressor.rounds - 1):
         payload, state = compressor.refine(payload, state)
         nbytes += payload.nbytes()
     return payload, state, nbytes
@@ -106,7 +106,7 @@ def _check_sum(compressor, tensors, states):
     payloads = []
     for tensor, state in zip(tensors, states):
         payloads.append(compressor.compress(tensor, state))
-    if getattr(compressor, "rounds", 1) == 1:
+    if compressor.rounds == 1:
         own = [compressor.decompress(p) for p, _ in payloads]
         summed = compressor.decompress(_sum_wires([p for p, _ in payloads]))
         assert torch.allclose(summed, own[0] + own[1], atol=1e-2, rtol=1e-2)
@@ -137,9 +137,9 @@ def _check_gather(compressor, tensors, states):
     payloads = [compressor.compress(t, s)[0] for t, s in zip(tensors, states)]
     if compressor.fixed_size:
         assert [t.shape for t in payloads[0].wire] == [t.shape for t in payloads[1].wire]
-    result = combine(compressor, payloads)
+    result = compressor.combine(payloads)
     assert result.shape == tensors[0].shape and result.dtype == torch.float32
-    if getattr(compressor, "combine", None) is None:
+    if type(compressor).combine is CompressorTraits.combine:  # no combine of its own
         own = compressor.decompress(payloads[0]) + compressor.decompress(payloads[1])
         assert torch.allclose(result, own)
 
@@ -147,7 +147,7 @@ def _check_gather(compressor, tensors, states):
 @pytest.mark.parametrize("name", NAMES)
 def test_error_feedback_conserves_around_every_eligible_compressor(name):
     compressor = COMPRESSORS.get(name)()
-    if getattr(compressor, "error_feedback_builtin", False) or getattr(compressor, "rounds", 1) > 1:
+    if compressor.error_feedback_builtin or compressor.rounds > 1:
         with pytest.raises(ValueError):
             ErrorFeedback(compressor)
         return

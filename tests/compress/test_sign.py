@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from polytrain.compress import Payload, combine
+from polytrain.compress import Payload
 from polytrain.compress.packing import unpack
 from polytrain.compress.sign import EFSignSGD, OneBit, SignSGD
 
@@ -60,7 +60,7 @@ def test_signsgd_majority_vote_scaled_by_the_ranks_scales():
     signs = torch.stack([torch.where(t >= 0, 1.0, -1.0) for t in ranks])
     scales = torch.stack([t.abs().mean() for t in ranks])
     expected = torch.sign(signs.sum(0)) * scales.sum()
-    assert torch.allclose(combine(compressor, payloads), expected)
+    assert torch.allclose(compressor.combine(payloads), expected)
     assert torch.allclose(compressor.decompress(payloads[0]), signs[0] * scales[0])
 
 
@@ -68,9 +68,9 @@ def test_signsgd_tied_vote_is_zero_and_unscaled_vote_is_p_times_sign():
     a = torch.tensor([1.0, -2.0, 3.0, -0.5])
     b = torch.tensor([-1.0, -1.0, 2.0, 0.5])
     scaled, bare = SignSGD(), SignSGD(scale=False)  # scales: 1.625 + 1.125 = 2.75
-    assert torch.equal(combine(scaled, _payloads(scaled, [a, b])), torch.tensor([0.0, -2.75, 2.75, 0.0]))
-    assert torch.equal(combine(bare, _payloads(bare, [a, b])), torch.tensor([0.0, -2.0, 2.0, 0.0]))
-    assert torch.equal(combine(bare, _payloads(bare, [a, b, b])), torch.tensor([-3.0, -3.0, 3.0, 3.0]))
+    assert torch.equal(scaled.combine(_payloads(scaled, [a, b])), torch.tensor([0.0, -2.75, 2.75, 0.0]))
+    assert torch.equal(bare.combine(_payloads(bare, [a, b])), torch.tensor([0.0, -2.0, 2.0, 0.0]))
+    assert torch.equal(bare.combine(_payloads(bare, [a, b, b])), torch.tensor([-3.0, -3.0, 3.0, 3.0]))
     assert torch.equal(bare.decompress(_payloads(bare, [a])[0]), torch.tensor([1.0, -1.0, 1.0, -1.0]))
     assert bare.payload_bytes(4) == scaled.payload_bytes(4) == 5
 

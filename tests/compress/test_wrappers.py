@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from polytrain.compress import COMPRESSORS, NoCompression, Payload, combine, index_dtype
+from polytrain.compress import COMPRESSORS, NoCompression, Payload, index_dtype
 from polytrain.compress.packing import packed_bytes
 from polytrain.compress.quantize import Float16, KBit
 from polytrain.compress.sign import OneBit
@@ -52,7 +52,7 @@ def test_error_feedback_delegates_combine():
     compressor = ErrorFeedback(COMPRESSORS.get("signsgd")())
     tensors = [_gradient(seed=s) for s in range(3)]
     payloads = [compressor.compress(t, compressor.init(t))[0] for t in tensors]
-    assert torch.equal(combine(compressor, payloads), combine(compressor.inner, payloads))
+    assert torch.equal(compressor.combine(payloads), compressor.inner.combine(payloads))
 
 
 @pytest.mark.parametrize("name", ["onebit", "efsignsgd", "dgc", "powersgd"])
@@ -96,6 +96,27 @@ def test_masked_delegates_the_protocol():
     assert masked.decompress(payload).shape == x.shape
     assert masked.payload_bytes(300) == inner.payload_bytes(300)
     assert Masked(KBit()).per_rank_seed and not Masked(Float16()).per_rank_seed
+
+
+def test_wrappers_forward_their_members_traits():
+    dgc, fp16, kbit = COMPRESSORS.get("dgc")(), Float16(), KBit()
+    chain = Chain(dgc, fp16)
+    assert chain.owns_momentum and chain.error_feedback_builtin and not chain.per_rank_seed
+    assert chain.rounds == 1 and chain.fixed_size and not Masked(COMPRESSORS.get("threshold")()).fixed_size
+    assert Chain(NoCompression(), fp16).elementwise and not Chain(NoCompression(), kbit).elementwise
+    assert Masked(dgc).owns_momentum and Masked(dgc).error_feedback_builtin and Masked(fp16).elementwise
+    wrapped = ErrorFeedback(kbit)
+    assert wrapped.per_rank_seed and not wrapped.owns_momentum and not wrapped.error_feedback_builtin
+    assert Masked(wrapped).per_rank_seed and Masked(wrapped).rounds == 1
+
+
+def test_every_compressor_selects_itself_unless_masked():
+    x = _gradient()
+    for name in COMPRESSORS.names():
+        compressor = COMPRESSORS.get(name)()
+        assert compressor.select("w", x) is compressor
+    wrapped = ErrorFeedback(Float16())
+    assert wrapped.select("w", x) is wrapped
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -193,7 +193,7 @@ def sum_step_bytes(compressor, rank: int) -> int:
     for _, tensor in parameters:
         gradient = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(1)) * 1e-3
         payload, state = compressor.compress(gradient, compressor.init(gradient))
-        for round_number in range(getattr(compressor, "rounds", 1)):
+        for round_number in range(compressor.rounds):
             if round_number:
                 payload, state = compressor.refine(payload, state)
             if len(rounds) <= round_number:
