@@ -19,7 +19,9 @@ Conventions shared by all point-to-point algorithms: pieces are split with torch
 messages), so an empty tensor or a single rank moves nothing. Non-powers of two are folded (Thakur et al.
 2005; Rabenseifner 2004): with p' = 2^floor(log2 p) and r = p - p', each odd rank below 2r sends
 its whole vector to rank - 1 and sits out, the p' remaining ranks run the power-of-two algorithm, and
-the even ranks below 2r send the result back to rank + 1.
+the even ranks below 2r send the result back to rank + 1. The fold's rank arithmetic
+(`power_of_two_below`, `fold_remainder`, `folded_index`, `unfolded_rank`) and `piece_sizes` are public:
+the sparse allreduces (polytrain.comm.sparse) fold and split the same way.
 """
 
 from __future__ import annotations
@@ -72,15 +74,15 @@ def _ceil_log2(p: int) -> int:
     return (p - 1).bit_length()
 
 
-def _power_of_two_below(p: int) -> int:
-    """p' = 2^floor(log2 p), the ranks left after the non-power-of-two fold."""
+def power_of_two_below(p: int) -> int:
+    """The largest power of two <= p: p' = 2^floor(log2 p), the ranks left after the fold."""
     return 1 << (p.bit_length() - 1)
 
 
 def _fold_cost_s(n_bytes: float, world_size: int, alpha_s: float, beta_s_per_byte: float,
                  gamma_s_per_byte: float) -> float:
     """The fold (one message in, one sum) and unfold (one message out): zero for a power of two."""
-    if world_size == _power_of_two_below(world_size):
+    if world_size == power_of_two_below(world_size):
         return 0.0
     return 2 * alpha_s + 2 * n_bytes * beta_s_per_byte + n_bytes * gamma_s_per_byte
 
@@ -92,8 +94,11 @@ def _elements(n_bytes: int, element_bytes: int) -> int:
     return n_elements
 
 
-def _piece_sizes(n_elements: int, num_pieces: int) -> list[int]:
-    """Element counts of torch.tensor_split(x, num_pieces) for a vector of n_elements."""
+def piece_sizes(n_elements: int, num_pieces: int) -> list[int]:
+    """The element counts of torch.tensor_split(x, num_pieces) for a vector x of n_elements.
+
+    The first n_elements % num_pieces pieces hold one element more than the others.
+    """
     base, extra = divmod(n_elements, num_pieces)
     return [base + (index < extra) for index in range(num_pieces)]
 
@@ -119,29 +124,29 @@ def _reduce_from(comm: Communicator, outgoing: torch.Tensor, destination: int, t
     target.add_(incoming)
 
 
-def _fold_remainder(world_size: int) -> int:
-    """r = p - p', the number of ranks that sit out the power-of-two part."""
-    return world_size - _power_of_two_below(world_size)
+def fold_remainder(world_size: int) -> int:
+    """The number of ranks that sit out the power-of-two part: r = p - p'."""
+    return world_size - power_of_two_below(world_size)
 
 
-def _folded_index(world_size: int, rank: int) -> int | None:
-    """This rank's index among the p' participants after the fold; None for an odd rank below 2r."""
-    remainder = _fold_remainder(world_size)
+def folded_index(world_size: int, rank: int) -> int | None:
+    """The index of `rank` among the p' participants after the fold; None for an odd rank below 2r."""
+    remainder = fold_remainder(world_size)
     if rank >= 2 * remainder:
         return rank - remainder
     return None if rank % 2 else rank // 2
 
 
-def _unfolded_rank(index: int, world_size: int) -> int:
+def unfolded_rank(index: int, world_size: int) -> int:
     """The rank of the participant with index `index` among the p' ranks left by the fold."""
-    remainder = _fold_remainder(world_size)
+    remainder = fold_remainder(world_size)
     return 2 * index if index < remainder else index + remainder
 
 
 def _fold(comm: Communicator, flat: torch.Tensor, operation: str) -> int | None:
     """Folds a non-power-of-two world onto p' ranks; returns this rank's index among them, None if it sits out."""
-    index = _folded_index(comm.world_size, comm.rank)
-    if comm.rank < 2 * _fold_remainder(comm.world_size):
+    index = folded_index(comm.world_size, comm.rank)
+    if comm.rank < 2 * fold_remainder(comm.world_size):
         if index is None:
             comm.send(flat, comm.rank - 1, operation)
         else:
@@ -153,7 +158,7 @@ def _fold(comm: Communicator, flat: torch.Tensor, operation: str) -> int | None:
 
 def _unfold(comm: Communicator, flat: torch.Tensor, operation: str) -> None:
     """Returns the result to the ranks that sat out the power-of-two part."""
-    if comm.rank < 2 * _fold_remainder(comm.world_size):
+    if comm.rank < 2 * fold_remainder(comm.world_size):
         if comm.rank % 2:
             comm.recv(flat, comm.rank - 1, operation)
         else:
@@ -162,7 +167,7 @@ def _unfold(comm: Communicator, flat: torch.Tensor, operation: str) -> None:
 
 def _fold_messages_sent(world_size: int, rank: int) -> int:
     """Messages a rank sends in the fold (odd ranks below 2r) or the unfold (even ranks below 2r)."""
-    return int(rank < 2 * _fold_remainder(world_size))
+    return int(rank < 2 * fold_remainder(world_size))
 
 
 @_registered
@@ -276,8 +281,8 @@ def _recursive_doubling(comm: Communicator, flat: torch.Tensor, index: int, oper
     """Partners at distance 1, 2, 4, ... among the p' participants swap whole vectors and add them."""
     buffer = comm.scratch("butterfly", flat.numel(), flat.dtype)
     distance = 1
-    while distance < _power_of_two_below(comm.world_size):
-        partner = _unfolded_rank(index ^ distance, comm.world_size)
+    while distance < power_of_two_below(comm.world_size):
+        partner = unfolded_rank(index ^ distance, comm.world_size)
         _reduce_from(comm, flat, partner, flat, partner, buffer, operation)
         distance <<= 1
 
@@ -310,7 +315,7 @@ class Butterfly:
                gamma_s_per_byte: float) -> float:
         # Thakur et al. 2005 (recursive doubling): lg p (a + nb + ng) for a power of two, plus the fold
         # (a + nb + ng in, a + nb out) otherwise.
-        steps = _power_of_two_below(world_size).bit_length() - 1
+        steps = power_of_two_below(world_size).bit_length() - 1
         return (steps * (alpha_s + n_bytes * beta_s_per_byte + n_bytes * gamma_s_per_byte)
                 + _fold_cost_s(n_bytes, world_size, alpha_s, beta_s_per_byte, gamma_s_per_byte))
 
@@ -323,8 +328,8 @@ class Butterfly:
         # floor(lg p) whole vectors for each participant, plus one fold or unfold message below 2r.
         if n_elements == 0:
             return 0
-        participates = _folded_index(world_size, rank) is not None
-        steps = _power_of_two_below(world_size).bit_length() - 1
+        participates = folded_index(world_size, rank) is not None
+        steps = power_of_two_below(world_size).bit_length() - 1
         return _fold_messages_sent(world_size, rank) + participates * steps
 
 
@@ -378,14 +383,14 @@ class Ring:
         # Each phase sends every piece but one: all but piece rank+1 (reduce-scatter) and all but piece
         # rank+2 (allgather), so 2n - c[rank+1] - c[rank+2] elements; 2(p-1)/p n when p divides n.
         n_elements = _elements(n_bytes, element_bytes)
-        sizes = _piece_sizes(n_elements, world_size)
+        sizes = piece_sizes(n_elements, world_size)
         skipped = sizes[(rank + 1) % world_size] + sizes[(rank + 2) % world_size]
         return (2 * n_elements - skipped) * element_bytes
 
     @staticmethod
     def messages_sent(n_elements: int, world_size: int, rank: int) -> int:
         # As bytes_sent, counting the non-empty pieces: 2 min(n, p) - [c[rank+1] > 0] - [c[rank+2] > 0].
-        sizes = _piece_sizes(n_elements, world_size)
+        sizes = piece_sizes(n_elements, world_size)
         skipped = (sizes[(rank + 1) % world_size] > 0) + (sizes[(rank + 2) % world_size] > 0)
         return 2 * min(n_elements, world_size) - skipped
 
@@ -401,11 +406,11 @@ def _halving_doubling(comm: Communicator, flat: torch.Tensor, index: int, operat
     half that contains its own block and adding in the partner's copy of it; participant `index` ends
     owning block `index`. Doubling runs the same steps backwards, swapping finished ranges.
     """
-    num_blocks = _power_of_two_below(comm.world_size)
-    offsets = [0, *accumulate(_piece_sizes(flat.numel(), num_blocks))]
+    num_blocks = power_of_two_below(comm.world_size)
+    offsets = [0, *accumulate(piece_sizes(flat.numel(), num_blocks))]
     halving = [num_blocks >> k for k in range(1, num_blocks.bit_length())]  # p'/2, ..., 2, 1
     doubling = halving[::-1]
-    partners = [_unfolded_rank(index ^ distance, comm.world_size) for distance in halving + doubling]
+    partners = [unfolded_rank(index ^ distance, comm.world_size) for distance in halving + doubling]
     mine = [_block_range(flat, offsets, index & ~(d - 1), d) for d in halving + doubling]
     theirs = [_block_range(flat, offsets, (index ^ d) & ~(d - 1), d) for d in halving + doubling]
     # All receives are posted first (as in Ring): halving's into disjoint scratch slots, doubling's
@@ -432,7 +437,7 @@ def _halving_doubling_pieces(n_elements: int, world_size: int, index: int) -> li
     In halving it sends the partner's half of their shared range, in doubling its own range; a range of
     m blocks starting at block g holds m*q + clip(s - g, 0, m) elements, where n = q*p' + s.
     """
-    num_blocks = _power_of_two_below(world_size)
+    num_blocks = power_of_two_below(world_size)
     base, extra = divmod(n_elements, num_blocks)
     distances = [1 << k for k in range(num_blocks.bit_length() - 1)]
     halving = [(index ^ d) & ~(d - 1) for d in distances]
@@ -456,7 +461,7 @@ class Rabenseifner:
                gamma_s_per_byte: float) -> float:
         # Thakur et al. 2005 (Rabenseifner's algorithm): 2 lg p a + 2(p-1)/p nb + (p-1)/p ng on
         # p' = 2^floor(lg p) ranks, plus the fold otherwise.
-        p = _power_of_two_below(world_size)
+        p = power_of_two_below(world_size)
         share = (p - 1) / p * n_bytes
         return (2 * (p.bit_length() - 1) * alpha_s + 2 * share * beta_s_per_byte + share * gamma_s_per_byte
                 + _fold_cost_s(n_bytes, world_size, alpha_s, beta_s_per_byte, gamma_s_per_byte))
@@ -466,7 +471,7 @@ class Rabenseifner:
         # Fold/unfold: n elements. A participant sends n - c[index] in halving and, in doubling, its own
         # aligned range of 1, 2, ..., p'/2 blocks: 2(p'-1)/p' n in all when p' divides n.
         n_elements = _elements(n_bytes, element_bytes)
-        index = _folded_index(world_size, rank)
+        index = folded_index(world_size, rank)
         pieces = [] if index is None else _halving_doubling_pieces(n_elements, world_size, index)
         return (_fold_messages_sent(world_size, rank) * n_elements + sum(pieces)) * element_bytes
 
@@ -475,7 +480,7 @@ class Rabenseifner:
         # 2 lg p' for a participant when n >= p' (fewer when blocks are empty), plus the fold message.
         if n_elements == 0:
             return 0
-        index = _folded_index(world_size, rank)
+        index = folded_index(world_size, rank)
         pieces = [] if index is None else _halving_doubling_pieces(n_elements, world_size, index)
         return _fold_messages_sent(world_size, rank) + sum(size > 0 for size in pieces)
 

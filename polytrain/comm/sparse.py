@@ -51,8 +51,8 @@ from typing import NamedTuple, Protocol, Sequence
 
 import torch
 
-from polytrain.comm.algorithms import (_fold_remainder, _folded_index, _piece_sizes, _power_of_two_below,
-                                       _unfolded_rank)
+from polytrain.comm.algorithms import (fold_remainder, folded_index, piece_sizes, power_of_two_below,
+                                       unfolded_rank)
 from polytrain.comm.communicator import Communicator
 from polytrain.comm.gather import ring_all_gather_into
 from polytrain.registry import Registry
@@ -303,16 +303,16 @@ def _checked(comm: Communicator, indices: torch.Tensor, values: torch.Tensor, nu
 
 def _range_offsets(numel: int, world_size: int) -> list[int]:
     """Start of each rank's range and the end: torch.tensor_split(vector, p) boundaries."""
-    return [0, *accumulate(_piece_sizes(numel, world_size))]
+    return [0, *accumulate(piece_sizes(numel, world_size))]
 
 
 def _participant_span(offsets: list[int], first: int, count: int, world_size: int) -> tuple[int, int]:
     """Elements held by participants first..first+count-1 after the fold: a run of whole ranges.
 
-    Participant j holds range _unfolded_rank(j) (and the folded one after it, for j < r), and
-    _unfolded_rank(p') = p, so participants' ranges are contiguous and in order.
+    Participant j holds range unfolded_rank(j) (and the folded one after it, for j < r), and
+    unfolded_rank(p') = p, so participants' ranges are contiguous and in order.
     """
-    return offsets[_unfolded_rank(first, world_size)], offsets[_unfolded_rank(first + count, world_size)]
+    return offsets[unfolded_rank(first, world_size)], offsets[unfolded_rank(first + count, world_size)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -332,8 +332,8 @@ class SsarRecursiveDoubling:
         p, rank = comm.world_size, comm.rank
         if p == 1 or numel == 0:
             return _densify(block, numel)
-        index = _folded_index(p, rank)
-        folded = rank < 2 * _fold_remainder(p)
+        index = folded_index(p, rank)
+        folded = rank < 2 * fold_remainder(p)
         if folded:
             block, received = channel.swap(block, rank - 1 if index is None else None,
                                            None if index is None else rank + 1)
@@ -341,9 +341,9 @@ class SsarRecursiveDoubling:
                 block = channel.merge(block, received)
         if index is not None:
             distance = 1
-            while distance < _power_of_two_below(p):
+            while distance < power_of_two_below(p):
                 partner_index = index ^ distance
-                partner = _unfolded_rank(partner_index, p)
+                partner = unfolded_rank(partner_index, p)
                 block, received = channel.swap(block, partner, partner)
                 block = channel.merge(block, received) if index < partner_index else channel.merge(received, block)
                 distance <<= 1
@@ -360,15 +360,15 @@ class SsarRecursiveDoubling:
         if p == 1 or n == 0:
             return tally.totals()
         masks = [mask.clone() for mask in masks]
-        remainder, participants = _fold_remainder(p), _power_of_two_below(p)
+        remainder, participants = fold_remainder(p), power_of_two_below(p)
         for rank in range(1, 2 * remainder, 2):
             masks[rank - 1] |= tally.send_span(rank, masks[rank], 0, n)
         distance = 1
         while distance < participants:
-            sent = {index: tally.send_span(_unfolded_rank(index, p), masks[_unfolded_rank(index, p)], 0, n)
+            sent = {index: tally.send_span(unfolded_rank(index, p), masks[unfolded_rank(index, p)], 0, n)
                     for index in range(participants)}
             for index in range(participants):
-                masks[_unfolded_rank(index, p)] |= sent[index ^ distance]
+                masks[unfolded_rank(index, p)] |= sent[index ^ distance]
             distance <<= 1
         for rank in range(0, 2 * remainder, 2):
             masks[rank + 1] = tally.send_span(rank, masks[rank], 0, n)
@@ -386,7 +386,7 @@ class SsarRecursiveDoubling:
         out). With alpha_s = 0 and beta_s_per_byte = 1 this is the bytes one rank sends.
         """
         wire, p = WireFormat(n, index_bytes, value_bytes), world_size
-        participants = _power_of_two_below(p)
+        participants = power_of_two_below(p)
         grows = _overlap_grows(overlap)
         start = k * (2 if grows and participants < p else 1)
         rounds = [wire.message(min(start * (1 << t) if grows else k, n), n)
@@ -465,16 +465,16 @@ class SsarSplitAllgather:
             return _densify(_Sparse(positions, values), numel)
         offsets = _range_offsets(numel, p)
         out, present = _reduce_scatter(channel, positions, values, offsets)
-        index = _folded_index(p, rank)
-        folded = rank < 2 * _fold_remainder(p)
+        index = folded_index(p, rank)
+        folded = rank < 2 * fold_remainder(p)
         if folded and index is None:  # the odd rank hands its reduced range to rank - 1
             channel.send_span(out, present, (offsets[rank], offsets[rank + 1], rank - 1), None)
         elif folded:
             channel.send_span(out, present, None, (offsets[rank + 1], offsets[rank + 2], rank + 1))
         if index is not None:
             distance = 1
-            while distance < _power_of_two_below(p):
-                partner = _unfolded_rank(index ^ distance, p)
+            while distance < power_of_two_below(p):
+                partner = unfolded_rank(index ^ distance, p)
                 mine = _participant_span(offsets, index & ~(distance - 1), distance, p)
                 theirs = _participant_span(offsets, (index ^ distance) & ~(distance - 1), distance, p)
                 channel.send_span(out, present, (*mine, partner), (*theirs, partner))
@@ -495,7 +495,7 @@ class SsarSplitAllgather:
         held = [torch.zeros(n, dtype=torch.bool) for _ in range(p)]
         for rank in range(p):
             held[rank][offsets[rank]:offsets[rank + 1]] = reduced[rank]
-        remainder, participants = _fold_remainder(p), _power_of_two_below(p)
+        remainder, participants = fold_remainder(p), power_of_two_below(p)
         for rank in range(1, 2 * remainder, 2):
             start, stop = offsets[rank], offsets[rank + 1]
             held[rank - 1][start:stop] |= tally.send_span(rank, held[rank], start, stop)
@@ -503,11 +503,11 @@ class SsarSplitAllgather:
         while distance < participants:
             spans = {index: _participant_span(offsets, index & ~(distance - 1), distance, p)
                      for index in range(participants)}
-            sent = {index: tally.send_span(_unfolded_rank(index, p), held[_unfolded_rank(index, p)], *spans[index])
+            sent = {index: tally.send_span(unfolded_rank(index, p), held[unfolded_rank(index, p)], *spans[index])
                     for index in range(participants)}
             for index in range(participants):
                 start, stop = spans[index ^ distance]
-                held[_unfolded_rank(index, p)][start:stop] |= sent[index ^ distance]
+                held[unfolded_rank(index, p)][start:stop] |= sent[index ^ distance]
             distance <<= 1
         for rank in range(0, 2 * remainder, 2):
             held[rank + 1] = tally.send_span(rank, held[rank], 0, n)
@@ -525,7 +525,7 @@ class SsarSplitAllgather:
         """
         wire, p = WireFormat(n, index_bytes, value_bytes), world_size
         span, piece, reduced = _split_sizes(k, n, p, wire, overlap)
-        participants = _power_of_two_below(p)
+        participants = power_of_two_below(p)
         steps = [wire.message(piece, span)] * (p - 1)
         steps += [wire.message(reduced * (1 << t), span * (1 << t)) for t in range(participants.bit_length() - 1)]
         if participants < p:

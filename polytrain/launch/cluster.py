@@ -27,7 +27,7 @@ from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import IO, Mapping, Sequence
 
-from polytrain.launch.local import _exit_reason
+from polytrain.launch.local import exit_reason
 
 DEFAULT_SUBNET = "10.77.0.0/24"  # RFC 1918; exists only inside the cluster's namespaces, so clusters never clash
 DEFAULT_RUN_TIMEOUT_S = 3600.0
@@ -351,7 +351,7 @@ def _wait(processes: list[subprocess.Popen], timeout_s: float) -> str | None:
         failed = [host for host, code in enumerate(codes) if code not in (None, 0)]
         if failed:
             host = failed[0]
-            return f"host {host} (rank {host}) {_exit_reason(codes[host])}; the other hosts were stopped"
+            return f"host {host} (rank {host}) {exit_reason(codes[host])}; the other hosts were stopped"
         if all(code == 0 for code in codes):
             return None
         if time.monotonic() > deadline:

@@ -80,7 +80,8 @@ def _worker(rank: int, world_size: int, store_port: int, backend: str, threads: 
             dist.destroy_process_group()
 
 
-def _exit_reason(code: int | None) -> str:
+def exit_reason(code: int | None) -> str:
+    """How a process ended, for messages: "was killed by SIGKILL" or "exited with status 1"."""
     if code is not None and code < 0:
         return f"was killed by {signal.Signals(-code).name}"
     return f"exited with status {code}"
@@ -174,7 +175,7 @@ def _collect(processes: list, results: mp.Queue) -> list[Any]:
             tracebacks.setdefault(outcome[1], outcome[3])
         for rank, process in enumerate(processes):
             if rank not in values and rank not in reported and process.exitcode not in (None, 0):
-                died.setdefault(rank, _exit_reason(process.exitcode))
+                died.setdefault(rank, exit_reason(process.exitcode))
         if (reported or died) and first_failure_at is None:
             first_failure_at = time.monotonic()
         if first_failure_at is not None and time.monotonic() - first_failure_at > FAILURE_GRACE_S:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS, _piece_sizes
+from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS, piece_sizes
 from polytrain.comm.sparse import (SPARSE_ALLREDUCE_ALGORITHMS, WireFormat, sparse_all_reduce,
                                    sparse_all_reduce_bytes_sent, sparse_all_reduce_messages_sent,
                                    sparse_all_reduce_volume)
@@ -210,7 +210,7 @@ def dense_volume(name: str, numel: int, world_size: int, rank: int, wire: WireFo
         butterfly = ALLREDUCE_ALGORITHMS.get("butterfly")
         messages = butterfly.messages_sent(numel, p, rank)
         return butterfly.bytes_sent(numel * vb, p, rank, vb) + hb * messages, 2 * messages
-    sizes = _piece_sizes(numel, p)
+    sizes = piece_sizes(numel, p)
     others = [size for owner, size in enumerate(sizes) if owner != rank and size]
     pieces = [(sum(others) * vb + hb * len(others), 2 * len(others))]  # the reduce-scatter
     if name == "dsar_split_allgather":
