@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from polytrain.comm import CommError
 from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
+from polytrain.comm.mesh import MeshShape
 from polytrain.comm.sparse import SPARSE_ALLREDUCE_ALGORITHMS
 from polytrain.compress import COMPRESSORS
 from polytrain.config import Experiment, apply_overrides, load_toml, parse_assignments, parse_named
@@ -18,6 +19,7 @@ from polytrain.launch import WorkerFailed
 from polytrain.launch.cluster import DEFAULT_RUN_TIMEOUT_S, ClusterError, EmulatedCluster, HostFailed
 from polytrain.models import MODELS
 from polytrain.ops.conv import CONV_ALGORITHMS
+from polytrain.schedules import STEP_SCHEDULES
 from polytrain.strategies import STRATEGIES
 from polytrain.train import TrainingDiverged, stored_experiment, train
 from polytrain.train.optim import OPTIMIZERS, SCHEDULES
@@ -29,10 +31,10 @@ HOST_OUTPUT_LINES = 30
 # Flags that map one-to-one onto Experiment fields.
 _FIELD_FLAGS = {"model": str, "dataset": str, "workers": int, "epochs": int, "batch_size": int, "lr": float,
                 "optimizer": str, "schedule": str, "microbatches": int, "seed": int, "target_accuracy": float,
-                "precision": str, "out": str}
+                "precision": str, "out": str, "step_schedule": str, "device": str, "amp": str}
 
 REGISTRIES = {"models": MODELS, "datasets": DATASETS, "optimizers": OPTIMIZERS, "schedules": SCHEDULES,
-              "strategies": STRATEGIES, "allreduce algorithms": ALLREDUCE_ALGORITHMS,
+              "step schedules": STEP_SCHEDULES, "strategies": STRATEGIES, "allreduce algorithms": ALLREDUCE_ALGORITHMS,
               "sparse allreduce algorithms": SPARSE_ALLREDUCE_ALGORITHMS, "compressors": COMPRESSORS,
               "convolution algorithms": CONV_ALGORITHMS}
 
@@ -40,7 +42,8 @@ REGISTRIES = {"models": MODELS, "datasets": DATASETS, "optimizers": OPTIMIZERS, 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     for name, kind in _FIELD_FLAGS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, dest=name)
-    parser.add_argument("--strategy", default=None, help="NAME[:k=v,...]")
+    parser.add_argument("--strategy", default=None, help="update policy NAME[:k=v,...]")
+    parser.add_argument("--mesh", default=None, help="mesh axes AXIS=SIZE,... (dp, pp, tp); --workers is their product")
     parser.add_argument("--compressor", default=None, help="NAME[+NAME][:k=v,...] (gradient compression)")
     parser.add_argument("--data-path", default=None, help="directory of a user dataset (mnist, cifar10, ...)")
     parser.add_argument("--config", default=None, help="TOML file of settings")
@@ -103,10 +106,23 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         overrides["strategy"], overrides["strategy_args"] = parse_named(args.strategy, "--strategy")
     if args.compressor is not None:
         overrides["compressor"], overrides["compressor_args"] = parse_named(args.compressor, "--compressor")
+    if args.mesh is not None:
+        overrides["mesh"] = MeshShape.parse(args.mesh).sizes()
     if args.data_path is not None:
         overrides["dataset_args.path"] = args.data_path
     overrides.update(parse_assignments(args.set))
     return overrides
+
+
+def at_another_world_size(stored: Experiment, workers: int) -> Experiment:
+    """A stored run's settings with what follows from the world size derived anew for `workers` ranks:
+    the mesh, the threads per rank, and local <-> allreduce (the same synchronous SGD on 1 and N workers)."""
+    strategy, strategy_args = stored.strategy, stored.strategy_args
+    if workers == 1 and strategy == "allreduce":
+        strategy, strategy_args = "local", {}
+    elif workers > 1 and strategy == "local":
+        strategy = "allreduce"
+    return stored.replace(workers=workers, mesh={}, threads=None, strategy=strategy, strategy_args=strategy_args)
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -114,6 +130,8 @@ def command_train(args: argparse.Namespace) -> int:
     if args.resume:
         base = stored_experiment(args.resume)
         overrides.setdefault("out", args.resume)
+        if overrides.get("workers", base.workers) != base.workers:
+            base = at_another_world_size(base, overrides["workers"])
     else:
         base = Experiment()
     exp = apply_overrides(base, overrides)

@@ -35,9 +35,16 @@ class Experiment:
         augment_shift: translate training images by up to this many pixels (0: off).
         augment_flip: mirror training images left-right with probability 1/2.
         test_fraction: share of samples held out for testing (datasets with an official split ignore it).
-        workers: number of worker ranks.
-        strategy: how workers cooperate (None: local for one worker, allreduce for more).
+        workers: number of ranks (None: the product of the mesh's axes, or 1).
+        mesh: sizes of the mesh axes, e.g. {"dp": 2, "pp": 2} (polytrain.comm.mesh; None or missing axes:
+            all ranks data-parallel).
+        step_schedule: how one replica computes the forward and backward passes of a step
+            (polytrain.schedules).
+        strategy: the update policy, how replicas stay consistent (None: local for one worker, allreduce
+            for more).
         strategy_args: arguments of the strategy.
+        device: where each rank computes: auto (its GPU when there is one, else the CPU), cpu or cuda.
+        amp: mixed precision of forward passes: none, bf16 or fp16 (fp16 with loss scaling).
         compressor: gradient compressor (None: gradients are sent uncompressed), a registered name or
             `first+second` (polytrain.compress.build).
         compressor_args: arguments of the compressor and its wrappers (ef, min_numel, exclude_biases,
@@ -46,7 +53,10 @@ class Experiment:
         batch_size: global batch: samples per optimizer step over all workers.
         optimizer: torch.optim optimizer by registered name.
         lr: learning rate (for `lr_reference_batch` samples when the linear scaling rule is on).
-        momentum: momentum of sgd-family optimizers, alpha of rmsprop.
+        optimizer_args: keywords of the torch.optim constructor, by torch's own names (momentum,
+            dampening, nesterov for SGD; betas, eps, amsgrad for Adam; alpha, eps, centered, momentum
+            for RMSprop; ...); missing ones are made explicit by `resolve` (momentum 0.9 for the
+            momentum and nesterov optimizers, torch's defaults otherwise).
         weight_decay: L2 penalty (decoupled for adamw).
         schedule: learning-rate schedule name.
         schedule_args: arguments of the schedule (e.g. `milestones`, `gamma`, `power`).
@@ -72,16 +82,20 @@ class Experiment:
     test_fraction: float = 0.2
     augment_shift: int | None = None
     augment_flip: bool | None = None
-    workers: int = 1
+    workers: int | None = None
+    mesh: dict = field(default_factory=dict)
+    step_schedule: str = "accumulate"
     strategy: str | None = None
     strategy_args: dict = field(default_factory=dict)
+    device: str = "auto"
+    amp: str = "none"
     compressor: str | None = None
     compressor_args: dict = field(default_factory=dict)
     epochs: int | None = None
     batch_size: int | None = None
     optimizer: str | None = None
     lr: float | None = None
-    momentum: float = 0.9
+    optimizer_args: dict = field(default_factory=dict)
     weight_decay: float | None = None
     schedule: str | None = None
     schedule_args: dict = field(default_factory=dict)

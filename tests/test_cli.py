@@ -16,12 +16,14 @@ def run_cli(*argv):
 def test_list_prints_every_registry(capsys):
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["models", "datasets", "optimizers", "schedules", "strategies",
-                                                      "allreduce algorithms", "sparse allreduce algorithms",
-                                                      "compressors", "convolution algorithms"]
-    assert "lenet5" in lines[0] and "mnist5k" in lines[1] and "cosine" in lines[3] and "allreduce" in lines[4]
-    assert "rabenseifner" in lines[5] and "dsar_split_allgather" in lines[6] and "powersgd" in lines[7]
-    assert "winograd2" in lines[8]
+    assert [line.split(":")[0] for line in lines] == ["models", "datasets", "optimizers", "schedules", "step schedules",
+                                                      "strategies", "allreduce algorithms",
+                                                      "sparse allreduce algorithms", "compressors",
+                                                      "convolution algorithms"]
+    assert "lenet5" in lines[0] and "mnist5k" in lines[1] and "cosine" in lines[3] and "accumulate" in lines[4]
+    assert "allreduce" in lines[5] and "local_sgd" in lines[5] and "diloco" in lines[5]
+    assert "rabenseifner" in lines[6] and "dsar_split_allgather" in lines[7] and "powersgd" in lines[8]
+    assert "winograd2" in lines[9]
 
 
 def test_train_writes_results_and_flags_override_config(tmp_path, capsys):
@@ -85,3 +87,15 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
     whole = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
     resumed = torch.load(killed / "model.pt", weights_only=True)
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+
+def test_resume_at_another_world_size_from_the_cli(tmp_path):
+    # 2 workers for one epoch, then one worker: the mesh, threads and strategy follow the new world size.
+    out = tmp_path / "run"
+    common = ["--dataset", "digits", "--model", "mlp", "--schedule", "constant"]
+    run_cli("train", *common, "--epochs", "1", "--workers", "2", "--out", str(out)).check_returncode()
+    done = run_cli("train", "--resume", str(out), "--epochs", "2", "--workers", "1")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert (result["config"]["workers"], result["config"]["strategy"], result["config"]["mesh"]["dp"]) == (1, "local", 1)
+    assert [row["epoch"] for row in result["epochs"]] == [1, 2]

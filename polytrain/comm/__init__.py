@@ -1,5 +1,5 @@
 """Communication: the counting Communicator over torch.distributed and the collective algorithms."""
 
-from polytrain.comm.communicator import DEFAULT_TIMEOUT_S, CommError, Communicator, CommStats
+from polytrain.comm.communicator import BOOKKEEPING, DEFAULT_TIMEOUT_S, CommError, Communicator, CommStats
 
-__all__ = ["Communicator", "CommStats", "CommError", "DEFAULT_TIMEOUT_S"]
+__all__ = ["BOOKKEEPING", "Communicator", "CommStats", "CommError", "DEFAULT_TIMEOUT_S"]

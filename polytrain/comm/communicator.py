@@ -15,23 +15,73 @@ class CommError(RuntimeError):
     """A collective or point-to-point transfer failed or timed out (a peer died or hung)."""
 
 
+# The label of traffic that keeps the run's books (metrics, evaluation counts, checkpoint gathers): it is
+# counted like every other byte but never as the per-step traffic of the training algorithm.
+BOOKKEEPING = "bookkeeping"
+
+
 @dataclass
-class CommStats:
-    """What one rank sent and received, counted at the call (payload bytes, not protocol overhead)."""
+class _Counts:
+    """Bytes and messages one rank sent and received under one (axis, operation) label."""
 
     bytes_sent: int = 0
     bytes_received: int = 0
     messages_sent: int = 0
     messages_received: int = 0
+
+
+@dataclass
+class CommStats:
+    """What one rank sent and received, counted at the call (payload bytes, not protocol overhead).
+
+    One CommStats is shared by all Communicators of a rank (one per mesh axis, plus bookkeeping); each
+    call is counted under its communicator's axis and the operation. The totals and `by_operation`
+    cover the training traffic (every axis but bookkeeping); `bookkeeping` and `by_axis` show the rest.
+    """
+
+    counts: dict[tuple[str, str], _Counts] = field(default_factory=dict)
     # True once a backend collective (e.g. gloo's own allreduce) was used: polytrain cannot see its
     # traffic and counts it from the backend's algorithm, so the totals are partly estimates.
     estimated: bool = False
-    by_operation: dict[str, int] = field(default_factory=dict)
+
+    def add(self, axis: str, operation: str, sent: int, received: int, messages_sent: int,
+            messages_received: int) -> None:
+        counts = self.counts.setdefault((axis, operation), _Counts())
+        counts.bytes_sent += sent
+        counts.bytes_received += received
+        counts.messages_sent += messages_sent
+        counts.messages_received += messages_received
+
+    def clear(self) -> None:
+        """Starts counting from zero, in place (every communicator sharing this object sees it)."""
+        self.counts.clear()
+        self.estimated = False
+
+    def _total(self, name: str, bookkeeping: bool = False) -> int:
+        return sum(getattr(c, name) for (axis, _), c in self.counts.items() if (axis == BOOKKEEPING) == bookkeeping)
+
+    bytes_sent = property(lambda self: self._total("bytes_sent"), doc="Training bytes sent (all axes but bookkeeping).")
+    bytes_received = property(lambda self: self._total("bytes_received"), doc="Training bytes received.")
+    messages_sent = property(lambda self: self._total("messages_sent"), doc="Training messages sent.")
+    messages_received = property(lambda self: self._total("messages_received"), doc="Training messages received.")
+
+    @property
+    def by_operation(self) -> dict[str, int]:
+        """Training bytes sent per operation, summed over the axes."""
+        sent: dict[str, int] = {}
+        for (axis, operation), counts in self.counts.items():
+            if axis != BOOKKEEPING:
+                sent[operation] = sent.get(operation, 0) + counts.bytes_sent
+        return sent
 
     def as_dict(self) -> dict:
-        return {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
-                "messages_sent": self.messages_sent, "messages_received": self.messages_received,
-                "estimated": self.estimated, "by_operation": dict(self.by_operation)}
+        by_axis: dict[str, dict[str, int]] = {}
+        for (axis, operation), counts in sorted(self.counts.items()):
+            by_axis.setdefault(axis, {})[operation] = counts.bytes_sent
+        names = ("bytes_sent", "bytes_received", "messages_sent", "messages_received")
+        return {**{name: self._total(name) for name in names}, "estimated": self.estimated,
+                "by_operation": self.by_operation, "by_axis": by_axis,
+                "bookkeeping": {name: self._total(name, bookkeeping=True) for name in names}}
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -48,27 +98,34 @@ class Communicator:
     Args:
         group: the process group (default: the world).
         timeout_s: the longest any single operation may wait for a peer.
+        axis: the label every transfer is counted under besides its operation (a mesh axis such as
+            "dp", or BOOKKEEPING).
+        stats: the counters to add to (shared by a rank's communicators; default: new ones).
+        device: where scratch buffers live (the device of the tensors this communicator moves).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 axis: str = "dp", stats: CommStats | None = None, device: torch.device | str = "cpu") -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.timeout = timedelta(seconds=timeout_s)
-        self.stats = CommStats()
+        self.axis = axis
+        self.stats = stats if stats is not None else CommStats()
+        self.device = torch.device(device)
         self._scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
+    def sibling(self, axis: str, group: dist.ProcessGroup | None = None) -> "Communicator":
+        """A communicator over `group` (None: this one's) counting into the same stats under `axis`."""
+        return Communicator(group if group is not None else self.group, self.timeout.total_seconds(), axis,
+                            self.stats, self.device)
+
     def reset_stats(self) -> None:
-        """Starts counting from zero (a new run on the same ranks)."""
-        self.stats = CommStats()
+        """Starts counting from zero (a new run on the same ranks), for every communicator sharing the stats."""
+        self.stats.clear()
 
     def _count(self, operation: str, sent: int, received: int, messages_sent: int, messages_received: int) -> None:
-        stats = self.stats
-        stats.bytes_sent += sent
-        stats.bytes_received += received
-        stats.messages_sent += messages_sent
-        stats.messages_received += messages_received
-        stats.by_operation[operation] = stats.by_operation.get(operation, 0) + sent
+        self.stats.add(self.axis, operation, sent, received, messages_sent, messages_received)
 
     def _wait(self, works: list, what: str) -> None:
         for work in works:
@@ -122,7 +179,7 @@ class Communicator:
         key = (site, dtype)
         buffer = self._scratch.get(key)
         if buffer is None or buffer.numel() < numel:
-            buffer = self._scratch[key] = torch.empty(numel, dtype=dtype)
+            buffer = self._scratch[key] = torch.empty(numel, dtype=dtype, device=self.device)
         return buffer[:numel]
 
     def send(self, tensor: torch.Tensor, dst: int, operation: str = "p2p") -> None:

@@ -16,7 +16,8 @@ the caller names another operation.
 
 from __future__ import annotations
 
-from typing import Sequence
+import io
+from typing import Any, Sequence
 
 import torch
 
@@ -51,8 +52,8 @@ def _exchange_counts(comm: Communicator, count: int, operation: str) -> list[int
         raise ValueError(f"allgather counts elements in int32; a tensor of {count} elements is too long "
                          f"(at most {torch.iinfo(COUNT_DTYPE).max})")
     peers = [peer for peer in range(comm.world_size) if peer != comm.rank]
-    mine = torch.tensor([count], dtype=COUNT_DTYPE)
-    theirs = {peer: torch.empty(1, dtype=COUNT_DTYPE) for peer in peers}
+    mine = torch.tensor([count], dtype=COUNT_DTYPE, device=comm.device)
+    theirs = {peer: torch.empty(1, dtype=COUNT_DTYPE, device=comm.device) for peer in peers}
     comm.exchange([(mine, peer) for peer in peers], [(theirs[peer], peer) for peer in peers], operation)
     return [count if source == comm.rank else int(theirs[source]) for source in range(comm.world_size)]
 
@@ -117,3 +118,28 @@ def _check_lengths(lengths_in_bytes: Sequence[int], world_size: int) -> None:
     if len(lengths_in_bytes) != world_size:
         raise ValueError(f"allgather volume needs one length per rank; got {len(lengths_in_bytes)} "
                          f"lengths for {world_size} ranks")
+
+
+def gather_objects(comm: Communicator, value: Any, root: int = 0, operation: str = "gather_objects") -> list | None:
+    """Every rank's `value` at rank `root`, in rank order (None on the other ranks).
+
+    Values are serialised with torch.save and read back with weights_only=True, so they may hold tensors,
+    numbers, strings, lists, tuples and dicts (a checkpoint's per-rank parts). Each rank sends its byte
+    count (int64) and then its bytes to `root` over the counted point-to-point transfers.
+    """
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    payload = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8).to(comm.device)
+    size = torch.tensor([payload.numel()], dtype=torch.int64, device=comm.device)
+    if comm.rank != root:
+        comm.send(size, root, operation)
+        comm.send(payload, root, operation)
+        return None
+    peers = [peer for peer in range(comm.world_size) if peer != root]
+    sizes = {peer: torch.empty(1, dtype=torch.int64, device=comm.device) for peer in peers}
+    comm.exchange([], [(sizes[peer], peer) for peer in peers], operation)
+    received = {peer: torch.empty(int(sizes[peer]), dtype=torch.uint8, device=comm.device) for peer in peers}
+    comm.exchange([], [(received[peer], peer) for peer in peers], operation)
+    received[root] = payload
+    return [torch.load(io.BytesIO(received[rank].cpu().numpy().tobytes()), weights_only=True, map_location="cpu")
+            for rank in range(comm.world_size)]

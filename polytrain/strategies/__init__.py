@@ -1,122 +1,155 @@
-"""How workers cooperate: a communication policy around the shared local step.
+"""Update policies: how replicas stay consistent (the third axis of a run, docs/architecture.md).
 
-The training loop (polytrain.train) runs the local step (forward, backward, microbatches, clipping)
-once for every strategy; a strategy only decides what to exchange, with whom and when. A strategy is
-built as `STRATEGIES.get(name)(comm, **strategy_args)`, where `comm` is the rank's Communicator (None for
-a single process).
+A run is a mesh (who is who, polytrain.comm.mesh) x a step schedule (how one replica computes a step,
+polytrain.schedules) x an update policy (how the replicas' updates are made consistent). The policy owns
+the update: it reduces gradients (allreduce algorithms, compression, sufficient factors), applies the
+update (by default the run's optimizer step, handed to it as `update`), and may act after it (model
+averaging every H steps, an outer optimizer). The trainer's step is written once:
+
+    output = schedule.run(model, x, y, microbatches, context)   # policy.before_backward hooks in
+    policy.step(model, update, global_step)                     # reduce, update(), after
+
+Policies are registered by name (`--strategy NAME:k=v,...`); each declares its arguments as a frozen
+dataclass `Args` that validates itself, so a bad argument fails before any worker starts.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import contextlib
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import torch
 from torch import nn
 
+from polytrain.comm.mesh import Mesh
+from polytrain.compress import Compressor
 from polytrain.registry import Registry
 
 STRATEGIES: Registry = Registry("strategy")
 
+Update = Callable[[], None]
 
-class Strategy(Protocol):
-    """The communication policy of a training run."""
 
+class UpdatePolicy(Protocol):
+    """The contract of a registered update policy (see the module docstring).
+
+    Class attributes:
+        Args: frozen dataclass of the policy's arguments (validated in __post_init__).
+        parallel: runs with more than one replica.
+        compresses: takes a gradient compressor (--compressor).
+    """
+
+    Args: type
     parallel: bool
-    rank: int
-    world_size: int
+    compresses: bool
 
-    @staticmethod
-    def check(**strategy_args) -> None:
-        """Raises ValueError for invalid strategy arguments, before any worker starts."""
+    def __init__(self, mesh: Mesh, args: Any, compressor: Compressor | None = None) -> None: ...
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Adapts the model once, before the optimizer is built (e.g. hooks, synchronized batch norm)."""
-
-    def before_backward(self, last_microbatch: bool) -> None:
-        """Called before each microbatch's backward; gradients are complete after the last one."""
-
-    def after_backward(self, model: nn.Module) -> None:
-        """Called once the local gradients of a step are complete, before clipping and the optimizer step."""
+        """The model as this policy trains it (hooks registered, layers converted)."""
 
     def set_batch_size(self, global_batch: int) -> None:
-        """Called at the start of every epoch with the global batch size of its steps."""
+        """Called before each epoch with its global batch."""
 
-    def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        """Sums a small tensor of metrics over all ranks (e.g. evaluation counts)."""
+    def before_backward(self, last_microbatch: bool) -> None:
+        """Called by the step schedule before every backward."""
 
-    def sync_buffers(self, model: nn.Module) -> None:
-        """Makes buffers such as batch-norm running statistics equal on all ranks (before evaluation)."""
+    def step(self, model: nn.Module, update: Update, global_step: int) -> None:
+        """Completes step `global_step` (0-based) after the schedule's backward passes: reduce, update, after."""
 
-    def comm_stats(self, steps: int) -> dict:
-        """The result.json `comm` section: rank 0's counts, per-step bytes and every rank's counts."""
+    def finish(self, model: nn.Module) -> None:
+        """After the last step: leave every replica with the run's final model."""
 
-    def state_dict(self) -> dict:
-        """State to keep in checkpoints (collective: every rank calls it at the same step)."""
+    def evaluation_model(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        """The model to evaluate (the replicas' consensus), for the duration of the context."""
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restores what state_dict returned."""
+    def report(self) -> dict:
+        """What result.json's `comm` section says about this policy beyond the counts."""
+
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """This rank's policy state for a checkpoint (tensors, numbers, strings, lists, dicts)."""
+
+    def load_state_dict(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Restores what `state_dict` returned on this rank."""
 
     def close(self) -> None:
         """Releases threads and hooks."""
 
 
-def comm_section(per_rank: list[dict], steps: int) -> dict:
-    """Builds the result.json `comm` section from every rank's CommStats.as_dict()."""
-    rank0 = per_rank[0]
-    return {"bytes_sent": rank0["bytes_sent"], "bytes_received": rank0["bytes_received"],
-            "messages": rank0["messages_sent"], "bytes_sent_per_step": rank0["bytes_sent"] / max(1, steps),
-            "estimated": any(stats["estimated"] for stats in per_rank),
-            "per_rank": [{"rank": rank, **stats} for rank, stats in enumerate(per_rank)]}
+class PolicyBase:
+    """Defaults of the optional parts of the UpdatePolicy contract (one level of inheritance, no more)."""
 
-
-@STRATEGIES.register("local")
-class Local:
-    """One worker, no communication: the single-worker baseline every parallel strategy is measured against."""
-
-    parallel = False
-    rank = 0
-    world_size = 1
-
-    @staticmethod
-    def check() -> None:
-        """Local takes no arguments."""
-
-    def __init__(self, comm: None = None) -> None:
-        if comm is not None and comm.world_size > 1:
-            raise ValueError(f"strategy local runs one worker; got {comm.world_size} ranks")
+    parallel = True
+    compresses = False
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
 
-    def before_backward(self, last_microbatch: bool) -> None:
-        """Nothing to exchange."""
-
-    def after_backward(self, model: nn.Module) -> None:
-        """Nothing to exchange: the local gradient is the global one."""
-
     def set_batch_size(self, global_batch: int) -> None:
-        """One worker needs no batch-dependent plan."""
+        """No batch-dependent plan."""
 
-    def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        return values
+    def before_backward(self, last_microbatch: bool) -> None:
+        """Nothing to launch during backward."""
 
-    def sync_buffers(self, model: nn.Module) -> None:
-        """One rank's buffers are the buffers."""
+    def finish(self, model: nn.Module) -> None:
+        """The replicas already hold the final model."""
 
-    def comm_stats(self, steps: int) -> dict:
-        """A single worker sends nothing."""
-        zero = {"bytes_sent": 0, "bytes_received": 0, "messages_sent": 0, "messages_received": 0,
-                "estimated": False, "by_operation": {}}
-        return comm_section([zero], steps)
+    @contextlib.contextmanager
+    def evaluation_model(self, model: nn.Module) -> Iterator[nn.Module]:
+        yield model
 
-    def state_dict(self) -> dict:
+    def report(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Nothing to restore."""
 
     def close(self) -> None:
-        pass
+        """Nothing to release."""
 
 
-from polytrain.strategies import allreduce  # noqa: E402,F401  (registers the parallel strategies)
+def policy_args(name: str, args: Mapping[str, Any]):
+    """The validated `Args` of policy `name` from user arguments (ValueError naming the valid keys)."""
+    args_class = STRATEGIES.get(name).Args
+    valid = [f.name for f in dataclasses.fields(args_class)]
+    unknown = sorted(set(args) - set(valid))
+    if unknown:
+        raise ValueError(f"strategy {name} takes no argument '{unknown[0]}'; valid: {', '.join(valid) or 'none'}")
+    return args_class(**args)
+
+
+def build_policy(name: str, mesh: Mesh, args: Mapping[str, Any], compressor: Compressor | None = None) -> UpdatePolicy:
+    """The update policy `name` of this rank; `compressor` only for policies that compress."""
+    factory = STRATEGIES.get(name)
+    if compressor is not None and not factory.compresses:
+        raise ValueError(f"strategy {name} takes no gradient compressor")
+    return factory(mesh, policy_args(name, args), compressor)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoArgs:
+    """A policy without arguments."""
+
+
+@STRATEGIES.register("local")
+class Local(PolicyBase):
+    """One worker, no communication: the single-worker baseline every parallel strategy is measured against."""
+
+    Args = NoArgs
+    parallel = False
+
+    def __init__(self, mesh: Mesh, args: NoArgs, compressor: None = None) -> None:
+        if mesh.world_size > 1:
+            raise ValueError(f"strategy local runs one worker; got {mesh.world_size} ranks")
+
+    def step(self, model: nn.Module, update: Update, global_step: int) -> None:
+        update()
+
+
+from polytrain.strategies import allreduce, local_sgd  # noqa: E402,F401  (registers the parallel policies)
+
+__all__ = ["STRATEGIES", "UpdatePolicy", "PolicyBase", "Update", "policy_args", "build_policy", "Local"]

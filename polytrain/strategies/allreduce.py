@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from polytrain.comm import Communicator
 from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
+from polytrain.comm.mesh import Mesh
 from polytrain.comm.sparse import SPARSE_ALLREDUCE_ALGORITHMS
 from polytrain.compress import Compressor
-from polytrain.strategies import STRATEGIES, comm_section
+from polytrain.strategies import STRATEGIES, PolicyBase, Update
+from polytrain.strategies.averaging import average_into
 from polytrain.strategies.compressed import CompressedReducer
 from polytrain.strategies.sufficient_factors import SufficientFactors
 from polytrain.strategies.syncbn import convert_sync_batchnorm
@@ -54,27 +56,14 @@ class CommQueue:
         self.executor.shutdown(wait=True)
 
 
-@STRATEGIES.register("allreduce")
-class AllReduce:
-    """Synchronous SGD over data parallelism (Ben-Nun & Hoefler 2019, sec. 5.1 / 6.1).
+@dataclass(frozen=True)
+class AllReduceArgs:
+    """Arguments of `allreduce` (see AllReduce).
 
-    Each rank computes the gradient of its share of the global batch, scaled by 1/global batch, and the
-    ranks sum the gradients with the chosen algorithm, so every rank applies the same global-mean gradient
-    and the run equals one worker with the same global batch. Gradients are grouped into buckets of
-    `bucket_mb` (in reverse registration order, roughly the order backward produces them); a bucket is
-    reduced on the communication thread as soon as its last gradient is accumulated, overlapping the rest
-    of the backward pass, as in PyTorch DDP (Li et al., VLDB 2020).
-
-    With a compressor, each bucket's gradients are compressed on the communication thread and their
-    payloads summed as the compressor declares (polytrain.strategies.compressed). Fully connected layers
-    may instead exchange their sufficient factors (polytrain.strategies.sufficient_factors).
-
-    Args:
-        comm: this rank's communicator.
-        compressor: gradient compressor of this rank (passed by the trainer from --compressor).
+    Attributes:
         algorithm: allreduce algorithm name (central, tree, butterfly, ring, rabenseifner, native).
         bucket_mb: bucket size in MiB.
-        sync_bn: synchronize batch-norm statistics over all ranks (default: local statistics).
+        sync_bn: synchronize batch-norm statistics over all replicas (default: local statistics).
         overlap: launch bucket reductions during backward (else all after backward).
         sparse_algorithm: SparCML algorithm for sparse payloads (ssar_recursive_doubling,
             ssar_split_allgather, dsar_split_allgather).
@@ -82,36 +71,60 @@ class AllReduce:
             bytes); always (wherever a layer can be factorised).
     """
 
-    parallel = True
+    algorithm: str = "native"
+    bucket_mb: float = 25.0
+    sync_bn: bool = False
+    overlap: bool = True
+    sparse_algorithm: str = "ssar_recursive_doubling"
+    sufficient_factors: str = "off"
+
+    def __post_init__(self) -> None:
+        ALLREDUCE_ALGORITHMS.get(self.algorithm)
+        SPARSE_ALLREDUCE_ALGORITHMS.get(self.sparse_algorithm)
+        if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float)) or self.bucket_mb <= 0:
+            raise ValueError(f"bucket_mb must be a positive number of MiB, got {self.bucket_mb!r}")
+        for flag in ("sync_bn", "overlap"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.sufficient_factors not in SUFFICIENT_FACTOR_MODES:
+            raise ValueError(f"sufficient_factors must be one of {', '.join(SUFFICIENT_FACTOR_MODES)}; "
+                             f"got {self.sufficient_factors!r}")
+
+
+@STRATEGIES.register("allreduce")
+class AllReduce(PolicyBase):
+    """Synchronous SGD over data parallelism (Ben-Nun & Hoefler 2019, sec. 5.1 / 6.1).
+
+    Each replica computes the gradient of its share of the global batch, scaled by 1/global batch, and the
+    replicas sum the gradients with the chosen algorithm over the mesh's dp axis, so every replica applies
+    the same global-mean gradient and the run equals one worker with the same global batch. Gradients are
+    grouped into buckets of `bucket_mb` (in reverse registration order, roughly the order backward
+    produces them); a bucket is reduced on the communication thread as soon as its last gradient is
+    accumulated, overlapping the rest of the backward pass, as in PyTorch DDP (Li et al., VLDB 2020).
+
+    With a compressor, each bucket's gradients are compressed on the communication thread and their
+    payloads summed as the compressor declares (polytrain.strategies.compressed). Fully connected layers
+    may instead exchange their sufficient factors (polytrain.strategies.sufficient_factors).
+
+    Args:
+        mesh: this rank's mesh; gradients are summed over its dp communicator.
+        args: see AllReduceArgs.
+        compressor: gradient compressor of this rank (built by the trainer from --compressor).
+    """
+
+    Args = AllReduceArgs
     compresses = True
 
-    @staticmethod
-    def check(algorithm: str = "native", bucket_mb: float = 25.0, sync_bn: bool = False,
-              overlap: bool = True, sparse_algorithm: str = "ssar_recursive_doubling",
-              sufficient_factors: str = "off") -> None:
-        """Raises ValueError for invalid arguments, before any worker starts."""
-        ALLREDUCE_ALGORITHMS.get(algorithm)
-        SPARSE_ALLREDUCE_ALGORITHMS.get(sparse_algorithm)
-        if not isinstance(bucket_mb, (int, float)) or bucket_mb <= 0:
-            raise ValueError(f"bucket_mb must be a positive number of MiB, got {bucket_mb!r}")
-        if sufficient_factors not in SUFFICIENT_FACTOR_MODES:
-            raise ValueError(f"sufficient_factors must be one of {', '.join(SUFFICIENT_FACTOR_MODES)}; "
-                             f"got {sufficient_factors!r}")
-
-    def __init__(self, comm: Communicator, compressor: Compressor | None = None, algorithm: str = "native",
-                 bucket_mb: float = 25.0, sync_bn: bool = False, overlap: bool = True,
-                 sparse_algorithm: str = "ssar_recursive_doubling", sufficient_factors: str = "off") -> None:
-        self.check(algorithm, bucket_mb, sync_bn, overlap, sparse_algorithm, sufficient_factors)
-        self.comm = comm
-        comm.reset_stats()  # the run's counts start here, also when ranks run several runs in sequence
-        self.rank, self.world_size = comm.rank, comm.world_size
-        self.algorithm = ALLREDUCE_ALGORITHMS.get(algorithm)
-        self.bucket_bytes = int(bucket_mb * MB)
-        self.sync_bn = sync_bn
-        self.overlap = overlap
+    def __init__(self, mesh: Mesh, args: AllReduceArgs = AllReduceArgs(), compressor: Compressor | None = None) -> None:
+        if mesh.dp is None:
+            raise ValueError("strategy allreduce needs at least 2 data-parallel replicas (--workers 2 or more)")
+        self.comm = mesh.dp
+        self.bookkeeping = mesh.bookkeeping
+        self.rank, self.world_size = self.comm.rank, self.comm.world_size
+        self.args = args
+        self.algorithm = ALLREDUCE_ALGORITHMS.get(args.algorithm)
+        self.bucket_bytes = int(args.bucket_mb * MB)
         self.compressor = compressor
-        self.sparse_algorithm = sparse_algorithm
-        self.sufficient_factors = sufficient_factors
         self.reducer: CompressedReducer | None = None
         self.factors: SufficientFactors | None = None
         self.queue = CommQueue()
@@ -120,18 +133,18 @@ class AllReduce:
         self.hooks: list = []
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        if self.sync_bn:
+        if self.args.sync_bn:
             model = convert_sync_batchnorm(model, self.sum_across_ranks)
-        if self.sufficient_factors != "off":
+        if self.args.sufficient_factors != "off":
             # The local batch is set by set_batch_size before the first step.
-            self.factors = SufficientFactors(self.comm, model, self.algorithm, 1, self.sufficient_factors)
+            self.factors = SufficientFactors(self.comm, model, self.algorithm, 1, self.args.sufficient_factors)
         handled = self.factors.parameters() if self.factors is not None else set()
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad and p not in handled]
         if self.compressor is not None:
             self.reducer = CompressedReducer(self.comm, self.compressor, self.algorithm, named,
-                                             self.sparse_algorithm)
+                                             self.args.sparse_algorithm)
         self.buckets = self._make_buckets([p for _, p in named])
-        if self.overlap:
+        if self.args.overlap:
             for bucket in self.buckets:
                 for param in bucket.params:
                     self.hooks.append(param.register_post_accumulate_grad_hook(self._hook(bucket)))
@@ -163,7 +176,8 @@ class AllReduce:
             bucket.future = self.queue.submit(self.reducer.reduce, bucket.params)
             return
         if bucket.flat is None:  # allocated once: a fresh multi-MB buffer every step costs page faults
-            bucket.flat = torch.empty(sum(p.numel() for p in bucket.params), dtype=bucket.params[0].dtype)
+            bucket.flat = torch.empty(sum(p.numel() for p in bucket.params), dtype=bucket.params[0].dtype,
+                                      device=bucket.params[0].device)
         for param, slot in zip(bucket.params, self._unflatten(bucket)):
             if param.grad is None:
                 slot.zero_()
@@ -178,7 +192,11 @@ class AllReduce:
     def before_backward(self, last_microbatch: bool) -> None:
         self.last_microbatch = last_microbatch
 
-    def after_backward(self, model: nn.Module) -> None:
+    def step(self, model: nn.Module, update: Update, global_step: int) -> None:
+        self.reduce_gradients()
+        update()
+
+    def reduce_gradients(self) -> None:
         """Launches the buckets not yet launched (unused parameters, no overlap), then unpacks every sum."""
         for bucket in self.buckets:
             if bucket.future is None:
@@ -209,47 +227,32 @@ class AllReduce:
         self.queue.run(self.algorithm.all_reduce, self.comm, summed.view(-1))
         return summed
 
-    def sync_buffers(self, model: nn.Module) -> None:
-        """Averages floating buffers over the ranks: with local batch norm each rank tracks the statistics
-        of its own shards, and their mean estimates those of the global batch. (DDP instead copies rank 0's
-        buffers before every forward.)"""
-        buffers = [b for b in model.buffers() if b.is_floating_point()]
-        if not buffers:
-            return
-        mean = self.sum_across_ranks(torch.cat([b.reshape(-1) for b in buffers])) / self.world_size
-        offset = 0
-        for buffer in buffers:
-            buffer.copy_(mean[offset:offset + buffer.numel()].view_as(buffer))
-            offset += buffer.numel()
+    @contextlib.contextmanager
+    def evaluation_model(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Averages floating buffers over the replicas first (bookkeeping traffic): with local batch norm
+        each replica tracks the statistics of its own shards, and their mean estimates those of the global
+        batch. (DDP instead copies rank 0's buffers before every forward.)"""
+        average_into([b for b in model.buffers() if b.is_floating_point()], self.bookkeeping)
+        yield model
 
-    def comm_stats(self, steps: int) -> dict:
-        """Every rank's counts, gathered to all ranks (the gather itself is bookkeeping, not counted)."""
-        per_rank: list = [None] * self.world_size
-        dist.all_gather_object(per_rank, self.comm.stats.as_dict(), group=self.comm.group)
-        section = {**comm_section(per_rank, steps), "algorithm": self.algorithm.name, "buckets": len(self.buckets)}
+    def report(self) -> dict:
+        section = {"algorithm": self.algorithm.name, "buckets": len(self.buckets)}
         if self.reducer is not None:
-            section["compressor"] = {"name": self.compressor.name, "sparse_algorithm": self.sparse_algorithm,
+            section["compressor"] = {"name": self.compressor.name, "sparse_algorithm": self.args.sparse_algorithm,
                                      "uncompressed_parameters": self.reducer.uncompressed()}
         if self.factors is not None:
             section["sufficient_factors"] = self.factors.report()
         return section
 
-    def state_dict(self) -> dict:
-        """Every rank's compressor state (collective: all ranks call it; residuals differ between ranks)."""
-        if self.reducer is None:
-            return {}
-        per_rank: list = [None] * self.world_size
-        dist.all_gather_object(per_rank, self.reducer.state_dict(), group=self.comm.group)
-        return {"compressor": per_rank}
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """This rank's compressor state (residuals differ between ranks)."""
+        return {"compressor": self.reducer.state_dict()} if self.reducer is not None else {}
 
-    def load_state_dict(self, state: dict) -> None:
-        per_rank = state.get("compressor", [])
-        if self.reducer is None:
-            return
-        if len(per_rank) != self.world_size:
-            raise ValueError(f"the checkpoint holds compressor state of {len(per_rank)} ranks; "
-                             f"this run has {self.world_size}")
-        self.reducer.load_state_dict(per_rank[self.rank])
+    def load_state_dict(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.reducer is not None:
+            if "compressor" not in state:
+                raise ValueError("the checkpoint holds no compressor state; it was trained without --compressor")
+            self.reducer.load_state_dict(state["compressor"])
 
     def close(self) -> None:
         for hook in self.hooks:

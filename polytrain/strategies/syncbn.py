@@ -47,7 +47,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training:
             return super().forward(x)
         dims = [d for d in range(x.dim()) if d != 1]  # every axis but the channels of (N, C, ...)
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         local = torch.cat([count, x.sum(dims), (x * x).sum(dims)])
         total = _SumAcrossRanks.apply(local, self.reduce)
         n, channels = total[0], self.num_features

@@ -77,3 +77,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two checkpoint values (tensors, numbers, strings, lists, dicts) are equal."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+            a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def reshard_error(parts: list[dict], strategy: str, world_size: int) -> str | None:
+    """Why the per-rank `parts` of a checkpoint cannot be re-sharded onto `world_size` ranks, or None.
+
+    Policy state that is the same on every rank (none at all, DiLoCo's anchor) is replicated and every new
+    rank takes it; state that differs between ranks (compressor residuals, local SGD's models between
+    averages) belongs to one rank's data and has no place on another world.
+    """
+    if len(parts) == world_size or all(_same(p["policy"], parts[0]["policy"]) for p in parts[1:]):
+        return None
+    return (f"its {strategy} state differs between its {len(parts)} ranks (e.g. compressor residuals, local "
+            f"models between averages) and cannot be re-sharded onto {world_size}; resume with --workers "
+            f"{len(parts)}")

@@ -8,14 +8,21 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import torch
+
+from polytrain.comm.mesh import MeshShape
 from polytrain.compress import check_compressor
 from polytrain.config import ConfigError, Experiment
 from polytrain.data import DATASETS
 from polytrain.models import MODELS
 from polytrain.ops.precision import ROUNDING_MODES, parse_format
-from polytrain.strategies import STRATEGIES
-from polytrain.train.compression import check_momentum_takeover
-from polytrain.train.optim import OPTIMIZERS, SCHEDULES
+from polytrain.schedules import STEP_SCHEDULES
+from polytrain.strategies import STRATEGIES, policy_args
+from polytrain.train.compression import check_compression_plan
+from polytrain.train.optim import OPTIMIZERS, SCHEDULES, check_optimizer, optimizer_defaults
+
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("none", "bf16", "fp16")
 
 # The model a dataset trains when none is named.
 DEFAULT_MODEL = {"digits": "lenet5", "mnist5k": "lenet5", "mnist": "lenet5", "mnist1d": "gru",
@@ -59,13 +66,44 @@ def resolve(exp: Experiment) -> Experiment:
     filled = {**_DATASET_DEFAULTS.get(exp.dataset, _DATASET_DEFAULTS["synthetic"]),
               **_MODEL_DEFAULTS.get(model, {}), **_PAIR_DEFAULTS.get((model, exp.dataset), {})}
     changes = {key: value for key, value in filled.items() if getattr(exp, key) is None}
+    shape = MeshShape.from_sizes(exp.mesh)
+    workers = exp.workers if exp.workers is not None else shape.world_size
+    _check(workers >= 1, f"workers must be at least 1, got {workers}")
+    if not exp.mesh:  # every rank a data-parallel replica
+        shape = MeshShape(dp=workers)
+    shape.check_workers(workers)
+    changes.update(workers=workers, mesh=shape.sizes(), device=resolve_device(exp.device))
     if exp.strategy is None:
-        changes["strategy"] = "local" if exp.workers == 1 else "allreduce"
+        changes["strategy"] = "local" if workers == 1 else "allreduce"
     if exp.threads is None:
-        changes["threads"] = max(1, (os.cpu_count() or 1) // max(1, exp.workers))
+        changes["threads"] = max(1, (os.cpu_count() or 1) // workers)
+    # Every optimizer keyword explicit in result.json: momentum 0.9 for momentum/nesterov, else torch's defaults.
+    changes["optimizer_args"] = {**optimizer_defaults(changes.get("optimizer", exp.optimizer)), **exp.optimizer_args}
     resolved = dataclasses.replace(exp, model=model, **changes)
     validate(resolved)
     return resolved
+
+
+def resolve_device(device: str) -> str:
+    """`auto` becomes cuda where a GPU is visible, else cpu; cpu and cuda stay (cuda needs a GPU)."""
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device '{device}'; expected {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda: torch sees no GPU here (torch.cuda.is_available() is false); use --device cpu")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _check_mesh_schedule(shape: MeshShape, step_schedule: str) -> None:
+    """Axes that split the model (pp, tp) need a step schedule that splits it over them."""
+    splits = STEP_SCHEDULES.get(step_schedule).splits
+    for axis in ("pp", "tp"):
+        if getattr(shape, axis) > 1 and axis not in splits:
+            whole = [name for name in STEP_SCHEDULES.names() if not STEP_SCHEDULES.get(name).splits]
+            raise ConfigError(f"mesh {shape.describe()} splits the model over {axis}, but step schedule "
+                              f"{step_schedule} runs the whole model on every rank (schedules that split "
+                              f"none: {', '.join(whole)}; set {axis}=1)")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -78,29 +116,37 @@ def validate(exp: Experiment) -> None:
     for registry, name in ((MODELS, exp.model), (DATASETS, exp.dataset), (STRATEGIES, exp.strategy),
                            (OPTIMIZERS, exp.optimizer), (SCHEDULES, exp.schedule)):
         registry.get(name)
-    STRATEGIES.check_arguments(exp.strategy, exp.strategy_args, fixed=("comm", "compressor"))
-    STRATEGIES.get(exp.strategy).check(**exp.strategy_args)
-    _check(exp.workers >= 1, f"workers must be at least 1, got {exp.workers}")
+    policy_args(exp.strategy, exp.strategy_args)
+    shape = MeshShape.from_sizes(exp.mesh)
+    shape.check_workers(exp.workers)
+    _check_mesh_schedule(shape, exp.step_schedule)
+    replicas = shape.dp
+    # Messages speak of workers while every rank is a replica, as they did before meshes.
+    who = f"{replicas} workers" if replicas == exp.workers else f"{replicas} data-parallel replicas ({shape.describe()})"
     _check(exp.epochs >= 1, f"epochs must be at least 1, got {exp.epochs}")
     _check(exp.batch_size >= 1, f"batch size must be at least 1, got {exp.batch_size}")
-    _check(exp.batch_size % exp.workers == 0,
-           f"global batch {exp.batch_size} is not divisible by {exp.workers} workers")
-    _check(exp.workers == 1 or getattr(STRATEGIES.get(exp.strategy), "parallel", False),
+    _check(exp.batch_size % replicas == 0,
+           f"global batch {exp.batch_size} is not divisible by {who}")
+    parallel = STRATEGIES.get(exp.strategy).parallel
+    _check(replicas == 1 or parallel,
            f"--workers {exp.workers} needs a parallel strategy; '{exp.strategy}' runs a single worker "
            f"(strategies: {', '.join(STRATEGIES.names())})")
+    _check(replicas > 1 or not parallel,
+           f"strategy {exp.strategy} needs at least 2 data-parallel replicas; mesh {shape.describe()} has 1")
+    _check(exp.amp in AMP_MODES, f"unknown amp '{exp.amp}'; expected {', '.join(AMP_MODES)}")
     if exp.compressor is not None:
-        _check(getattr(STRATEGIES.get(exp.strategy), "compresses", False),
+        _check(STRATEGIES.get(exp.strategy).compresses,
                f"--compressor needs a strategy that sums gradients over workers (allreduce); "
                f"'{exp.strategy}' does not (use --workers 2 or more)")
         check_compressor(exp.compressor, exp.compressor_args)
-        check_momentum_takeover(exp.compressor, exp.compressor_args, exp.optimizer)
-    local_batch = exp.batch_size // exp.workers
+        check_compression_plan(exp)
+    local_batch = exp.batch_size // replicas
     _check(1 <= exp.microbatches <= local_batch,
            f"{exp.microbatches} microbatches cannot split a per-worker batch of {local_batch} "
-           f"(global batch {exp.batch_size} / {exp.workers} workers); expected 1..{local_batch}")
+           f"(global batch {exp.batch_size} / {who}); expected 1..{local_batch}")
     _check(exp.lr > 0, f"learning rate must be positive, got {exp.lr}")
     _check(exp.weight_decay >= 0, f"weight decay must be >= 0, got {exp.weight_decay}")
-    _check(0 <= exp.momentum < 1, f"momentum must be in [0, 1), got {exp.momentum}")
+    check_optimizer(exp.optimizer, exp.optimizer_args, exp.lr, exp.weight_decay)
     _check(0 < exp.test_fraction < 1, f"test fraction must be in (0, 1), got {exp.test_fraction}")
     _check(0 <= exp.warmup_epochs < exp.epochs,
            f"warm-up of {exp.warmup_epochs} epochs must be >= 0 and shorter than the {exp.epochs} epochs")

@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from polytrain.comm import Communicator
+from polytrain.comm import Communicator, CommStats
+from polytrain.comm.gather import gather_objects
+from polytrain.comm.mesh import Mesh, MeshShape
 from polytrain.config import ConfigError, Experiment
 from polytrain.data import Dataset, load_dataset
 from polytrain.data.augment import augment_images, draw_augmentation
@@ -23,10 +26,13 @@ from polytrain.data.sampler import ShardedBatchSampler
 from polytrain.launch import init_from_torchrun, run_workers, under_torchrun
 from polytrain.models import build_model
 from polytrain.ops.precision import parse_format, quantize_parameters_, rounding_generator
-from polytrain.strategies import STRATEGIES, Strategy
-from polytrain.train.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, rng_state,
+from polytrain.schedules import STEP_SCHEDULES, StepContext
+from polytrain.strategies import UpdatePolicy, build_policy
+from polytrain.strategies.averaging import sum_over
+from polytrain.train.amp import MixedPrecision
+from polytrain.train.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, reshard_error, rng_state,
                                         save_checkpoint, set_rng_state)
-from polytrain.train.compression import build_run_compressor
+from polytrain.train.compression import plan_compression
 from polytrain.train.defaults import resolve
 from polytrain.train.environment import environment
 from polytrain.train.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
@@ -36,7 +42,12 @@ from polytrain.train.result import Result
 
 EVAL_BATCH = 1024
 # Settings that may differ when resuming: they do not change what has been computed so far.
-RESUMABLE_CHANGES = ("epochs", "out", "target_accuracy", "checkpoint_steps", "threads", "timeout_s")
+RESUMABLE_CHANGES = ("epochs", "out", "target_accuracy", "checkpoint_steps", "threads", "timeout_s", "device")
+# Settings that may differ when a run resumes at another world size (the global batch stays and the sampler
+# re-shards it), provided its policy state is the same on every rank (checkpoint.reshard_error). The strategy
+# may change between `local` and `allreduce`: the same synchronous SGD on 1 and on N replicas.
+WORLD_CHANGES = ("workers", "mesh")
+SYNCHRONOUS = ("local", "allreduce")
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,49 +80,48 @@ class _Position:
     totals: _EpochTotals = field(default_factory=_EpochTotals)
 
 
-def local_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatches: int, global_batch: int,
-               before_backward: Callable[[bool], None] | None = None) -> tuple[float, int]:
-    """Forward and backward of one worker's batch, accumulating gradients over microbatches.
-
-    Each microbatch's summed loss is divided by the global batch size, so the accumulated gradient equals
-    that of the full batch's mean loss, and summing the workers' gradients gives the global mean.
-
-    Args:
-        before_backward: called with `last_microbatch` before each backward (strategies hook in here).
-
-    Returns:
-        The summed loss of the batch and the number of correct predictions.
-    """
-    loss_sum, correct = 0.0, 0
-    pieces = list(zip(x.tensor_split(microbatches), y.tensor_split(microbatches)))
-    for index, (x_micro, y_micro) in enumerate(pieces):
-        logits = model(x_micro)
-        loss = F.cross_entropy(logits, y_micro, reduction="sum")
-        if before_backward is not None:
-            before_backward(index == len(pieces) - 1)
-        (loss / global_batch).backward()
-        loss_sum += loss.item()
-        correct += int((logits.argmax(dim=1) == y_micro).sum())
-    return loss_sum, correct
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device | str = "cpu") -> tuple[float, int]:
     """Summed loss and number of correct predictions of `model` on (x, y), in eval mode."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(x), EVAL_BATCH):
-        logits = model(x[start:start + EVAL_BATCH])
-        target = y[start:start + EVAL_BATCH]
+        logits = model(x[start:start + EVAL_BATCH].to(device))
+        target = y[start:start + EVAL_BATCH].to(device)
         loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
         correct += int((logits.argmax(dim=1) == target).sum())
     model.train(was_training)
     return loss_sum, correct
 
 
+def rank_device(device: str, comm: Communicator | None) -> torch.device:
+    """This rank's device: its own GPU (LOCAL_RANK under torchrun, else the rank modulo the GPUs) or the CPU."""
+    if device != "cuda":
+        return torch.device("cpu")
+    index = int(os.environ.get("LOCAL_RANK", comm.rank if comm is not None else 0)) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def load_run_data(exp: Experiment) -> Dataset:
+    """The run's dataset, checked against the augmentation it asks for."""
+    data = load_dataset(exp.dataset, seed=exp.seed, test_fraction=exp.test_fraction, **exp.dataset_args)
+    if (exp.augment_shift or exp.augment_flip) and len(data.in_shape) != 3:
+        raise ConfigError(f"augmentation needs image samples (C, H, W); dataset {exp.dataset} gives "
+                          f"{data.in_shape} (set augment_shift=0 and augment_flip=false)")
+    return data
+
+
 class Trainer:
-    """One training run of a resolved Experiment on this process."""
+    """One training run of a resolved Experiment on this rank: mesh x step schedule x update policy.
+
+    Args:
+        exp: the resolved experiment.
+        reporter: progress output.
+        on_step: called with the global step number after every step (single-process runs).
+        comm: this rank's communicator over the run's ranks (None: a single process).
+    """
 
     def __init__(self, exp: Experiment, reporter: Reporter, on_step: Callable[[int], None] | None,
                  comm: Communicator | None = None) -> None:
@@ -122,70 +132,100 @@ class Trainer:
         # Subnormal floats (tiny weights and gradients late in training) slow CPU arithmetic ~10x; flushing
         # them to zero is what accelerators do anyway.
         torch.set_flush_denormal(True)
-        self.data: Dataset = load_dataset(exp.dataset, seed=exp.seed, test_fraction=exp.test_fraction,
-                                          **exp.dataset_args)
-        if (exp.augment_shift or exp.augment_flip) and len(self.data.in_shape) != 3:
-            raise ConfigError(f"augmentation needs image samples (C, H, W); dataset {exp.dataset} gives "
-                              f"{self.data.in_shape} (set augment_shift=0 and augment_flip=false)")
+        self.device = rank_device(exp.device, comm)
+        if comm is not None:
+            comm.device = self.device
+            comm.reset_stats()  # the run's counts start here, also when ranks run several runs in sequence
+        self.mesh = Mesh.build(MeshShape.from_sizes(exp.mesh), comm)
+        self.rank = self.mesh.rank
+        self.data = load_run_data(exp)
         torch.manual_seed(exp.seed)
-        optimizer_name, strategy_args = exp.optimizer, dict(exp.strategy_args)
-        if exp.compressor is not None:
-            compressor, optimizer_name, notice = build_run_compressor(exp, comm.rank if comm is not None else 0)
-            strategy_args["compressor"] = compressor
-            if notice is not None and (comm is None or comm.rank == 0):
-                print(f"polytrain: {notice}", file=sys.stderr)
-        self.strategy: Strategy = STRATEGIES.get(exp.strategy)(comm, **strategy_args)
-        self.rank = self.strategy.rank
-        model = build_model(exp.model, self.data.num_classes, self.data.in_shape, **exp.model_args)
-        self.model = self.strategy.prepare(model)
+        self.policy, optimizer_name, optimizer_args = self.build_policy()
+        model = build_model(exp.model, self.data.num_classes, self.data.in_shape, **exp.model_args).to(self.device)
+        self.model = self.policy.prepare(model)
         self.number_format = parse_format(exp.precision)
         quantize_parameters_(self.model, self.number_format, "nearest")  # stored in the format from step 0
         self.optimizer = build_optimizer(optimizer_name, self.model.parameters(), lr=exp.lr,
-                                         momentum=exp.momentum, weight_decay=exp.weight_decay)
+                                         weight_decay=exp.weight_decay, args=optimizer_args)
         self.schedule: Schedule = build_schedule(exp.schedule, exp.schedule_args, lr=exp.lr, epochs=exp.epochs,
                                                  batch_size=exp.batch_size, warmup_epochs=exp.warmup_epochs,
                                                  lr_reference_batch=exp.lr_reference_batch)
+        self.step_schedule = STEP_SCHEDULES.get(exp.step_schedule)()
+        self.precision = MixedPrecision(exp.amp, self.device)
         self.position = _Position()
         self.out = Path(exp.out) if exp.out else None
         if self.out is not None and self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)  # fail on an unwritable --out before training
 
+    def build_policy(self) -> tuple[UpdatePolicy, str, dict]:
+        """This rank's update policy (with its compressor), and the optimizer and its arguments the run
+        steps with (momentum moves in front of an error-feedback compressor: polytrain.train.compression)."""
+        exp = self.exp
+        if exp.compressor is None:
+            return build_policy(exp.strategy, self.mesh, exp.strategy_args), exp.optimizer, dict(exp.optimizer_args)
+        plan = plan_compression(exp, self.rank)
+        if plan.notice is not None and self.rank == 0:
+            print(f"polytrain: {plan.notice}", file=sys.stderr)
+        return (build_policy(exp.strategy, self.mesh, exp.strategy_args, plan.compressor), plan.optimizer,
+                plan.optimizer_args)
+
     # -- checkpoints -------------------------------------------------------------------------------------
 
-    def checkpoint_state(self, strategy_state: dict) -> dict:
-        """Everything needed to continue exactly where training stands."""
+    def rank_part(self) -> dict:
+        """This rank's own part of a checkpoint: the policy's state, the epoch's running totals, its RNGs."""
+        return {"policy": self.policy.state_dict(self.model, self.optimizer),
+                "totals": vars(self.position.totals).copy(), "rng": rng_state()}
+
+    def checkpoint_state(self, parts: list[dict]) -> dict:
+        """Everything needed to continue exactly where training stands, with every rank's part."""
         position = self.position
         return {
-            "strategy": strategy_state,
             "config": self.exp.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "amp": self.precision.state_dict(),
             "sampler": {"epoch": position.epoch, "step": position.step, "seed": self.exp.seed,
                         "batch_size": self.schedule.batch_size_at(position.epoch)},
             "global_step": position.global_step,
             "wall_s": position.wall_s + self.elapsed(),
             "history": position.history,
-            "totals": vars(position.totals).copy(),
-            "rng": rng_state(),
+            "ranks": parts,
         }
 
     def save(self) -> None:
         if self.out is None:
             return
-        strategy_state = self.strategy.state_dict()  # collective: every rank's compressor state
+        part = self.rank_part()
+        # Collective: every rank's part reaches rank 0, counted as bookkeeping.
+        parts = gather_objects(self.mesh.bookkeeping, part) if self.mesh.bookkeeping is not None else [part]
         if self.rank == 0:
-            save_checkpoint(checkpoint_path(self.out), self.checkpoint_state(strategy_state))
+            save_checkpoint(checkpoint_path(self.out), self.checkpoint_state(parts))
 
     def restore(self, state: dict) -> None:
-        """Continues from a checkpoint written by `checkpoint_state`."""
+        """Continues from a checkpoint written by `save`, at its world size or, for synchronous policies
+        whose state is the same on every rank, at another one (the sampler re-shards each global batch)."""
+        parts = state["ranks"]
+        same_world = len(parts) == self.mesh.world_size
+        if not same_world:
+            error = reshard_error(parts, self.exp.strategy, self.mesh.world_size)
+            if error is not None:
+                raise CheckpointError(error)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.strategy.load_state_dict(state["strategy"])
+        self.precision.load_state_dict(state["amp"])
+        mine = parts[self.rank] if same_world else parts[0]
+        self.policy.load_state_dict(mine["policy"], self.model, self.optimizer)
+        if same_world:
+            totals = _EpochTotals(**mine["totals"])
+        elif self.rank == 0:  # the epoch's running sums of all old ranks, kept by one new rank
+            totals = _EpochTotals(**{key: sum(p["totals"][key] for p in parts) for key in mine["totals"]})
+            totals.train_s = mine["totals"]["train_s"]
+        else:
+            totals = _EpochTotals()
         sampler = state["sampler"]
         self.position = _Position(epoch=sampler["epoch"], step=sampler["step"], global_step=state["global_step"],
-                                  wall_s=state["wall_s"], history=list(state["history"]),
-                                  totals=_EpochTotals(**state["totals"]))
-        set_rng_state(state["rng"])
+                                  wall_s=state["wall_s"], history=list(state["history"]), totals=totals)
+        set_rng_state(parts[min(self.rank, len(parts) - 1)]["rng"])
 
     # -- the loop ----------------------------------------------------------------------------------------
 
@@ -202,17 +242,18 @@ class Trainer:
             return self.finish()
         finally:
             self.reporter.close()
-            self.strategy.close()
+            self.policy.close()
 
     def sampler(self, epoch: int) -> ShardedBatchSampler:
+        """This replica's shards: data is sharded by the mesh's dp coordinate."""
         return ShardedBatchSampler(len(self.data.y_train), self.schedule.batch_size_at(epoch),
-                                   world_size=self.exp.workers, rank=self.rank, seed=self.exp.seed)
+                                   world_size=self.mesh.dp_size, rank=self.mesh.dp_rank, seed=self.exp.seed)
 
     def train_epoch(self) -> None:
         position, epoch = self.position, self.position.epoch
         sampler = self.sampler(epoch)
         steps = sampler.steps_per_epoch()
-        self.strategy.set_batch_size(sampler.global_batch_size)
+        self.policy.set_batch_size(sampler.global_batch_size)
         self.augmentation = self.draw_augmentation(epoch)
         for indices in sampler.epoch(epoch, start_step=position.step):
             started = time.perf_counter()
@@ -226,6 +267,8 @@ class Trainer:
                 self.save()
             if self.on_step is not None:
                 self.on_step(position.global_step)
+        if position.epoch == self.exp.epochs - 1:
+            self.policy.finish(self.model)  # e.g. a last average: the final evaluation sees the final model
         self.end_epoch(lr, sampler.global_batch_size, steps)
 
     def draw_augmentation(self, epoch: int) -> torch.Tensor | None:
@@ -235,33 +278,35 @@ class Trainer:
         return draw_augmentation(len(self.data.y_train), exp.augment_shift, exp.augment_flip, exp.seed, epoch)
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (augmented) training samples and labels at `indices`."""
+        """The (augmented) training samples and labels at `indices`, on this rank's device."""
         x = self.data.x_train[indices]
         if self.augmentation is not None:
             x = augment_images(x, self.augmentation[indices], self.exp.augment_shift)
-        return x, self.data.y_train[indices]
+        return x.to(self.device), self.data.y_train[indices].to(self.device)
+
+    def update(self) -> None:
+        """The run's local update: (fp16: unscale,) clip, the optimizer's step. Policies decide when."""
+        self.precision.step(self.optimizer, self.model.parameters(), self.exp.grad_clip)
 
     def train_step(self, indices: torch.Tensor, global_batch: int, lr: float) -> float:
-        """The shared local step, the strategy's exchange, clipping and the optimizer update."""
+        """The step schedule's forward/backward passes, then the update policy's step."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         x, y = self.batch(indices)
-        loss_sum, correct = local_step(self.model, x, y, self.exp.microbatches, global_batch,
-                                       self.strategy.before_backward)
-        if not math.isfinite(loss_sum):
-            self.diverged(loss_sum)
-        self.strategy.after_backward(self.model)
-        if self.exp.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.exp.grad_clip)
-        self.optimizer.step()
+        context = StepContext(global_batch, self.policy.before_backward, self.precision.autocast,
+                              self.precision.scale_loss)
+        output = self.step_schedule.run(self.model, x, y, self.exp.microbatches, context)
+        if not math.isfinite(output.loss_sum):
+            self.diverged(output.loss_sum)
+        self.policy.step(self.model, self.update, self.position.global_step)
         quantize_parameters_(self.model, self.number_format, self.exp.rounding,
                              rounding_generator(self.exp.seed, self.position.global_step))
         totals = self.position.totals
-        totals.loss_sum += loss_sum
-        totals.correct += correct
+        totals.loss_sum += output.loss_sum
+        totals.correct += output.correct
         totals.samples += len(indices)
-        return loss_sum
+        return output.loss_sum
 
     def diverged(self, loss: float) -> None:
         position = self.position
@@ -270,20 +315,25 @@ class Trainer:
         raise TrainingDiverged(f"loss is {loss} at step {position.global_step + 1} (epoch {position.epoch + 1}, "
                                f"step {position.step + 1} of the epoch); training stopped; {kept}")
 
+    def sum_over_replicas(self, values: list[float]) -> list[float]:
+        """Sums per-replica numbers (metrics) over the dp replicas, as bookkeeping traffic."""
+        summed = sum_over(self.mesh.bookkeeping, torch.tensor(values, dtype=torch.float64, device=self.device))
+        return summed.tolist()
+
     def evaluate(self) -> tuple[float, float]:
-        """Mean test loss and accuracy; each rank evaluates its share of the test split."""
-        world, data = self.strategy.world_size, self.data
-        self.strategy.sync_buffers(self.model)
-        x, y = data.x_test.tensor_split(world)[self.rank], data.y_test.tensor_split(world)[self.rank]
-        loss_sum, correct = evaluate(self.model, x, y)
-        totals = self.strategy.sum_across_ranks(torch.tensor([loss_sum, float(correct)], dtype=torch.float64))
-        return totals[0].item() / len(data.y_test), totals[1].item() / len(data.y_test)
+        """Mean test loss and accuracy of the policy's consensus model; each replica evaluates its share."""
+        data, replicas, replica = self.data, self.mesh.dp_size, self.mesh.dp_rank
+        x, y = data.x_test.tensor_split(replicas)[replica], data.y_test.tensor_split(replicas)[replica]
+        with self.policy.evaluation_model(self.model) as model:
+            loss_sum, correct = evaluate(model, x, y, self.device)
+        loss_sum, correct = self.sum_over_replicas([loss_sum, float(correct)])
+        return loss_sum / len(data.y_test), correct / len(data.y_test)
 
     def end_epoch(self, lr: float, batch_size: int, steps: int) -> None:
         position, totals = self.position, self.position.totals
         # Training metrics of the whole global batch, not of this rank's shard; time is this rank's.
-        loss_sum, correct, samples = self.strategy.sum_across_ranks(torch.tensor(
-            [totals.loss_sum, float(totals.correct), float(totals.samples)], dtype=torch.float64)).tolist()
+        loss_sum, correct, samples = self.sum_over_replicas([totals.loss_sum, float(totals.correct),
+                                                             float(totals.samples)])
         eval_started = time.perf_counter()
         test_loss, test_accuracy = self.evaluate()
         row = {
@@ -308,8 +358,25 @@ class Trainer:
             atomic_write_jsonl(self.out / "metrics.jsonl", position.history)
         self.save()
 
+    def comm_section(self, steps: int) -> dict:
+        """result.json's `comm`: rank 0's training traffic (every axis but bookkeeping) and per-step bytes,
+        its bookkeeping traffic apart, every rank's counts by axis and operation, and the policy's report.
+
+        The counts are gathered from every rank uncounted (they are the books themselves)."""
+        mine = self.mesh.bookkeeping.stats.as_dict() if self.mesh.bookkeeping is not None else CommStats().as_dict()
+        per_rank = [mine]
+        if self.mesh.bookkeeping is not None:
+            per_rank = [None] * self.mesh.world_size
+            dist.all_gather_object(per_rank, mine, group=self.mesh.bookkeeping.group)
+        rank0 = per_rank[0]
+        return {"bytes_sent": rank0["bytes_sent"], "bytes_received": rank0["bytes_received"],
+                "messages": rank0["messages_sent"], "bytes_sent_per_step": rank0["bytes_sent"] / max(1, steps),
+                "estimated": any(stats["estimated"] for stats in per_rank), "bookkeeping": rank0["bookkeeping"],
+                "mesh": self.mesh.shape.sizes(), "per_rank": [{"rank": rank, **stats} for rank, stats in enumerate(per_rank)],
+                **self.policy.report()}
+
     def finish(self) -> Result:
-        result = Result.from_history(self.exp, self.position.history, comm=self.strategy.comm_stats(self.position.global_step),
+        result = Result.from_history(self.exp, self.position.history, comm=self.comm_section(self.position.global_step),
                                      steps=self.position.global_step, data=self.data,
                                      environment=environment(self.exp.seed))
         if self.out is not None and self.rank == 0:
@@ -320,12 +387,25 @@ class Trainer:
         return result
 
 
-def _check_resumable(exp: Experiment, stored: Experiment, directory: Path) -> None:
-    requested, saved = exp.to_dict(), stored.to_dict()
+def _check_resumable(exp: Experiment, state: dict, directory: Path) -> None:
+    """Raises ConfigError when `exp` cannot continue the checkpoint `state` of run `directory`.
+
+    Only RESUMABLE_CHANGES may differ, and the world size (WORLD_CHANGES) when every rank's policy state is
+    the same, so that it can be re-sharded.
+    """
+    requested, saved = exp.to_dict(), state["config"]
+    allowed_keys = RESUMABLE_CHANGES + WORLD_CHANGES
+    if {requested["strategy"], saved["strategy"]} <= set(SYNCHRONOUS) and requested["workers"] != saved["workers"]:
+        allowed_keys += ("strategy", "strategy_args")
     for key in saved:
-        if key not in RESUMABLE_CHANGES and requested[key] != saved[key]:
+        if key not in allowed_keys and requested[key] != saved[key]:
+            allowed = ", ".join(allowed_keys)
             raise ConfigError(f"cannot resume {directory} with {key}={requested[key]!r}: the checkpoint was "
-                              f"trained with {key}={saved[key]!r} (only {', '.join(RESUMABLE_CHANGES)} may change)")
+                              f"trained with {key}={saved[key]!r} (only {allowed} may change)")
+    if requested["workers"] != saved["workers"]:
+        error = reshard_error(state["ranks"], saved["strategy"], requested["workers"])
+        if error is not None:
+            raise ConfigError(f"cannot resume {directory}: {error}")
 
 
 def stored_experiment(directory: str | Path) -> Experiment:
@@ -341,7 +421,10 @@ def _resume_state(exp: Experiment, resume: str | Path | None) -> dict | None:
                               f"continue it with --resume {exp.out} or choose another --out")
         return None
     state = load_checkpoint(checkpoint_path(resume))
-    _check_resumable(exp, Experiment(**state["config"]), Path(resume))
+    if "ranks" not in state:
+        raise CheckpointError(f"{checkpoint_path(resume)} was written by an older polytrain without per-rank "
+                              f"state; it cannot be resumed by this version")
+    _check_resumable(exp, state, Path(resume))
     return state
 
 
@@ -382,13 +465,18 @@ def train_sequence(experiments: list[Experiment], *, report: bool = False) -> li
     for exp in resolved:
         _resume_state(exp, None)
     return run_workers(_train_ranks_sequence, workers.pop(), (resolved, report), threads=resolved[0].threads,
-                       backend="gloo", timeout_s=max(exp.timeout_s for exp in resolved))[0]
+                       backend=backend_for(resolved[0].device), timeout_s=max(exp.timeout_s for exp in resolved))[0]
+
+
+def backend_for(device: str) -> str:
+    """nccl for ranks on GPUs, gloo for CPU ranks."""
+    return "nccl" if device == "cuda" else "gloo"
 
 
 def _with_torchrun_world(exp: Experiment) -> Experiment:
     """Under torchrun the world size comes from its environment; an explicit other --workers is an error."""
     world_size = int(os.environ["WORLD_SIZE"])
-    if exp.workers not in (1, world_size):
+    if exp.workers not in (None, 1, world_size):
         raise ConfigError(f"--workers {exp.workers} does not match torchrun's WORLD_SIZE={world_size}")
     return exp.replace(workers=world_size)
 
@@ -416,13 +504,13 @@ def train(exp: Experiment, *, resume: str | Path | None = None, reporter: Report
             raise ConfigError("on_step callbacks need a single process; spawned workers cannot call back")
         resume_dir = str(resume) if resume is not None else None
         results = run_workers(_train_rank, exp.workers, (exp, resume_dir, reporter is not None),
-                              threads=exp.threads, backend="gloo", timeout_s=exp.timeout_s)
+                              threads=exp.threads, backend=backend_for(exp.device), timeout_s=exp.timeout_s)
         return results[0]
-    comm = init_from_torchrun(exp.timeout_s, backend="gloo") if torchrun else None
+    comm = init_from_torchrun(exp.timeout_s, backend=backend_for(exp.device)) if torchrun else None
     if reporter is None or (comm is not None and comm.rank != 0):
         reporter = SilentReporter()  # one progress display per run: rank 0's
     return _run(exp, state, reporter, on_step, comm)
 
 
-__all__ = ["train", "train_sequence", "Trainer", "TrainingDiverged", "CheckpointError", "local_step", "evaluate",
+__all__ = ["train", "train_sequence", "Trainer", "TrainingDiverged", "CheckpointError", "evaluate",
            "stored_experiment"]

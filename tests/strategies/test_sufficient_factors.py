@@ -23,7 +23,7 @@ from polytrain.launch import run_on_every_world_size
 from polytrain.models import build_model
 from polytrain.strategies.sufficient_factors import (OPERATION, SufficientFactors, factor_bytes_sent,
                                                      prefers_factors)
-from polytrain.train.loop import local_step
+from polytrain.schedules import local_step
 
 TIMEOUT_S = 60
 WORLD_SIZES = (1, 2, 3, 4)

@@ -1,0 +1,144 @@
+"""Step schedules: how one replica computes the forward and backward passes of one step.
+
+A schedule is data: `actions(num_microbatches, stage)` lists what a rank does during a step, in order
+(forward of microbatch i on stage s, its backward, and, for the pipeline schedules to come, sends and
+receives of activations and their gradients). The runtime executes that list with `run_actions`, and the
+performance model can simulate the same list. The per-microbatch forward and backward of a module are
+written once, in `run_actions`.
+
+`accumulate` is the schedule of a whole model on every rank: forward and backward of each microbatch in
+turn, gradients accumulating (today's microbatching; one microbatch is the plain step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polytrain.registry import Registry
+
+STEP_SCHEDULES: Registry = Registry("step schedule")
+
+Op = Literal["forward", "backward", "send_activation", "recv_activation", "send_gradient", "recv_gradient"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing a rank does during a step.
+
+    Attributes:
+        op: forward, backward, or (pipeline schedules) a send or receive of activations or gradients.
+        microbatch: the microbatch it concerns, 0-based.
+        stage: the pipeline stage it runs on (0 for a whole model).
+    """
+
+    op: Op
+    microbatch: int
+    stage: int = 0
+
+
+@dataclass
+class StepContext:
+    """What a schedule needs besides the model and the batch.
+
+    Attributes:
+        global_batch: samples of the step over all replicas; each microbatch's summed loss is divided by
+            it, so the accumulated gradient is that of the full batch's mean loss and summing the
+            replicas' gradients gives the global mean.
+        before_backward: called with `last_microbatch` before each backward (update policies hook in
+            here to launch their reductions with the last one).
+        autocast: the mixed-precision context of forward passes (default: none).
+        scale_loss: applied to the loss before backward (fp16 loss scaling; default: identity).
+    """
+
+    global_batch: int
+    before_backward: Callable[[bool], None] | None = None
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    scale_loss: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda loss: loss)
+
+
+@dataclass
+class StepOutput:
+    """The summed loss over this rank's samples of the step and the number of correct predictions."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+
+
+class StepSchedule(Protocol):
+    """A registered step schedule (see the module docstring)."""
+
+    name: str
+
+    def actions(self, num_microbatches: int, stage: int = 0) -> list[Action]: ...
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_microbatches: int,
+            context: StepContext) -> StepOutput: ...
+
+
+def run_actions(actions: list[Action], model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_microbatches: int,
+                context: StepContext) -> StepOutput:
+    """Executes the forward and backward actions of a whole-model schedule on (x, y).
+
+    Microbatches are the `num_microbatches` slices of the batch (torch.tensor_split); a forward keeps its
+    loss until that microbatch's backward, so a schedule may run several forwards before their backwards.
+    """
+    pieces = list(zip(x.tensor_split(num_microbatches), y.tensor_split(num_microbatches)))
+    backwards = [a.microbatch for a in actions if a.op == "backward"]
+    last = backwards[-1] if backwards else None
+    pending: dict[int, torch.Tensor] = {}
+    output = StepOutput()
+    for action in actions:
+        if action.op == "forward":
+            x_micro, y_micro = pieces[action.microbatch]
+            with context.autocast():
+                logits = model(x_micro)
+                loss = F.cross_entropy(logits.float(), y_micro, reduction="sum")
+            pending[action.microbatch] = loss
+            output.loss_sum += loss.item()
+            output.correct += int((logits.argmax(dim=1) == y_micro).sum())
+        elif action.op == "backward":
+            loss = pending.pop(action.microbatch)
+            if context.before_backward is not None:
+                context.before_backward(action.microbatch == last)
+            context.scale_loss(loss / context.global_batch).backward()
+        else:
+            raise ValueError(f"action {action.op} needs a pipeline runtime; run_actions executes whole-model "
+                             f"schedules (forward and backward only)")
+    return output
+
+
+@STEP_SCHEDULES.register("accumulate")
+class Accumulate:
+    """The whole model on every rank: forward then backward of each microbatch in turn (gradient accumulation).
+
+    One microbatch in memory at a time; with k microbatches the accumulated gradient equals the full
+    batch's (for models without batch norm, whose statistics depend on the batch).
+    """
+
+    name = "accumulate"
+    # The mesh axes this schedule splits the model over: none.
+    splits: tuple[str, ...] = ()
+
+    def actions(self, num_microbatches: int, stage: int = 0) -> list[Action]:
+        return [Action(op, i, stage) for i in range(num_microbatches) for op in ("forward", "backward")]
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_microbatches: int,
+            context: StepContext) -> StepOutput:
+        return run_actions(self.actions(num_microbatches), model, x, y, num_microbatches, context)
+
+
+def local_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatches: int, global_batch: int,
+               before_backward: Callable[[bool], None] | None = None) -> tuple[float, int]:
+    """Forward and backward of one replica's batch under `accumulate`: (summed loss, correct predictions)."""
+    output = Accumulate().run(model, x, y, microbatches, StepContext(global_batch, before_backward))
+    return output.loss_sum, output.correct
+
+
+__all__ = ["STEP_SCHEDULES", "Action", "StepContext", "StepOutput", "StepSchedule", "Accumulate", "run_actions",
+           "local_step"]

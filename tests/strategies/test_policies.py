@@ -1,0 +1,140 @@
+"""Update policies against their references: local SGD and DiLoCo against allreduce, and a synchronous run
+resumed at another world size against the uninterrupted run (DESIGN.md section 8's equivalences).
+
+All 4-worker runs share one spawn (`four_workers`); the resumption spawns 3 workers once.
+"""
+
+import pytest
+import torch
+
+from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
+from polytrain.config import ConfigError, Experiment
+from polytrain.train import train, train_sequence
+from polytrain.train.checkpoint import checkpoint_path, load_checkpoint, reshard_error
+
+WORKERS = 4
+RING = ALLREDUCE_ALGORITHMS.get("ring")
+# One epoch of LeNet-5 on mnist5k with plain SGD: batch 100 gives 40 steps, a multiple of every period used.
+SGD = Experiment(model="lenet5", dataset="mnist5k", workers=WORKERS, epochs=1, batch_size=100, optimizer="sgd",
+                 lr=0.05, augment_shift=0, threads=1)
+RING_ARGS = {"algorithm": "ring", "bucket_mb": 64.0}
+STEPS = 40
+PERIOD = 4
+
+# Digits at batch 48 (divisible by 3 and 4): 30 steps per epoch. A step schedule with its milestone at
+# epoch 1 is the same for a 1-epoch and a 2-epoch run, so a run cut after epoch 1 continues the 2-epoch one.
+RESUME = Experiment(model="lenet5", dataset="digits", workers=WORKERS, epochs=2, batch_size=48, lr=0.05,
+                    schedule="step", schedule_args={"milestones": [1]}, threads=1,
+                    strategy="allreduce", strategy_args=RING_ARGS)
+
+
+def runs(directory) -> dict[str, Experiment]:
+    local = SGD.replace(strategy="local_sgd", strategy_args={"period": PERIOD, "algorithm": "ring"})
+    return {
+        "allreduce": SGD.replace(strategy="allreduce", strategy_args=RING_ARGS),
+        "local_sgd H=1": SGD.replace(strategy="local_sgd", strategy_args={"period": 1, "algorithm": "ring"}),
+        "allreduce momentum": SGD.replace(strategy="allreduce", strategy_args=RING_ARGS, optimizer="momentum"),
+        "local_sgd H=1 momentum": SGD.replace(strategy="local_sgd", optimizer="momentum",
+                                              strategy_args={"period": 1, "algorithm": "ring"}),
+        "local_sgd H=4": local,
+        "diloco outer sgd lr 1": SGD.replace(strategy="diloco", strategy_args={
+            "period": PERIOD, "algorithm": "ring", "outer_lr": 1.0, "outer_momentum": 0.0, "nesterov": False}),
+        "local_sgd warm-up throughout": SGD.replace(strategy="local_sgd", strategy_args={
+            "period": PERIOD, "warmup_steps": STEPS, "algorithm": "ring"}),
+        "local_sgd warm-up": SGD.replace(strategy="local_sgd",
+                                         strategy_args={"period": PERIOD, "warmup_steps": 8, "algorithm": "ring"}),
+        "uninterrupted": RESUME,
+        "cut": RESUME.replace(epochs=1),
+        "cut topk:ef": RESUME.replace(epochs=1, compressor="topk", compressor_args={"ratio": 0.05, "ef": True}),
+    }
+
+
+@pytest.fixture(scope="module")
+def four_workers(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("policies")
+    experiments = {key: exp.replace(out=str(directory / key.replace(" ", "_"))) for key, exp in runs(directory).items()}
+    results = train_sequence(list(experiments.values()))
+    return dict(zip(experiments, results)), {key: exp.out for key, exp in experiments.items()}
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    return torch.load(f"{directory}/model.pt", weights_only=True)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max((a[key].double() - b[key].double()).abs().max().item() for key in a)
+
+
+def model_bytes() -> int:
+    state = weights_of_any_lenet()
+    return sum(4 * value.numel() for value in state.values())
+
+
+def weights_of_any_lenet() -> dict[str, torch.Tensor]:
+    from polytrain.models import build_model
+    return build_model("lenet5", 10, (1, 28, 28)).state_dict()
+
+
+@pytest.mark.parametrize("reference, policy", [("allreduce", "local_sgd H=1"),
+                                               ("allreduce momentum", "local_sgd H=1 momentum"),
+                                               ("local_sgd H=4", "diloco outer sgd lr 1"),
+                                               ("allreduce", "local_sgd warm-up throughout")])
+def test_policy_equals_its_reference(four_workers, reference, policy):
+    # Local SGD with H = 1 averages p local steps of p * (shard gradient) into the synchronous step; DiLoCo's
+    # outer SGD at lr 1 without momentum moves the anchor to the mean; warm-up steps are allreduce's steps.
+    # Equal up to float reassociation.
+    results, out = four_workers
+    assert max_difference(weights(out[reference]), weights(out[policy])) <= 1e-5
+    assert results[policy].final_test_accuracy == pytest.approx(results[reference].final_test_accuracy, abs=2e-3)
+
+
+def test_local_sgd_sends_the_model_every_period(four_workers):
+    results, _ = four_workers
+    result = results["local_sgd H=4"]
+    assert result.steps == STEPS
+    per_average = [RING.bytes_sent(model_bytes(), WORKERS, rank, 4) for rank in range(WORKERS)]
+    for rank, stats in enumerate(result.comm["per_rank"]):
+        assert stats["by_operation"] == {"allreduce:ring": STEPS // PERIOD * per_average[rank]}
+    # Per step: the analytic volume of one averaging divided by H.
+    assert result.comm["bytes_sent_per_step"] == per_average[0] / PERIOD
+    assert result.comm["period"] == PERIOD
+
+
+def test_warm_up_steps_are_synchronous(four_workers):
+    results, _ = four_workers
+    result = results["local_sgd warm-up"]
+    per_average = RING.bytes_sent(model_bytes(), WORKERS, 0, 4)  # a gradient sum sends as much as an average
+    assert result.comm["per_rank"][0]["by_operation"] == {"allreduce:ring": (8 + (STEPS - 8) // PERIOD) * per_average}
+
+
+def test_resume_at_another_world_size_equals_the_uninterrupted_run(four_workers, tmp_path):
+    # 4 workers stopped after epoch 1 of 2 and resumed with 3: the global batch stays 48 and the sampler
+    # re-shards it, so the weights are those of the uninterrupted 4-worker run (float reassociation apart).
+    results, out = four_workers
+    resumed = train(RESUME.replace(workers=3, out=str(tmp_path / "resumed")), resume=out["cut"])
+    assert resumed.config["workers"] == 3 and len(resumed.comm["per_rank"]) == 3
+    assert max_difference(weights(out["uninterrupted"]), weights(tmp_path / "resumed")) <= 1e-5
+    straight = results["uninterrupted"].epochs
+    assert [row["samples"] for row in resumed.epochs] == [row["samples"] for row in straight]
+    assert resumed.epochs[1]["test_accuracy"] == pytest.approx(straight[1]["test_accuracy"], abs=3e-3)
+    # The checkpoint holds every rank's part; the one resumed at 3 ranks holds 3.
+    assert len(load_checkpoint(checkpoint_path(out["cut"]))["ranks"]) == WORKERS
+    assert len(load_checkpoint(checkpoint_path(tmp_path / "resumed"))["ranks"]) == 3
+
+
+def test_compressor_residuals_are_not_resharded(four_workers):
+    _, out = four_workers
+    exp = runs(None)["cut topk:ef"].replace(workers=3, epochs=2, out=None)
+    with pytest.raises(ConfigError, match="its allreduce state differs between its 4 ranks .* cannot be "
+                                          "re-sharded onto 3; resume with --workers 4"):
+        train(exp, resume=out["cut topk:ef"])
+
+
+def test_only_state_the_ranks_share_is_resharded():
+    # Local SGD between averages: each rank's model is its own. At an average (or with DiLoCo's anchor, the
+    # same everywhere) the state is replicated and every new rank takes it.
+    own = [{"policy": {"since_average": 3, "model": {"w": torch.full((2,), float(rank))}}} for rank in range(4)]
+    shared = [{"policy": {"since_average": 0, "anchor": [torch.ones(2)]}} for _ in range(4)]
+    assert "local_sgd state differs between its 4 ranks" in reshard_error(own, "local_sgd", 2)
+    assert reshard_error(own, "local_sgd", 4) is None
+    assert reshard_error(shared, "diloco", 2) is None
