@@ -98,7 +98,7 @@ def run_actions(actions: list[Action], model: nn.Module, x: torch.Tensor, y: tor
             x_micro, y_micro = pieces[action.microbatch]
             with context.autocast():
                 logits = model(x_micro)
-                loss = F.cross_entropy(logits.float(), y_micro, reduction="sum")
+                loss = F.cross_entropy(logits, y_micro, reduction="sum")  # autocast computes it in float32
             pending[action.microbatch] = loss
             output.loss_sum += loss.item()
             output.correct += int((logits.argmax(dim=1) == y_micro).sum())

@@ -13,7 +13,7 @@ hybrid communication) picks, per layer, whichever of the dense exchange and SFB 
 "auto" does the same against the allreduce algorithm the strategy uses.
 
 The loss scaling of the training loop (each microbatch's summed loss divided by the global batch,
-polytrain.train.loop.local_step) is already inside d, so D^T A is the global-mean gradient, exactly what
+polytrain.schedules.run_actions) is already inside d, so D^T A is the global-mean gradient, exactly what
 the allreduce of the dense gradients gives.
 
 Decisions where the papers are silent:
