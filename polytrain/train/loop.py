@@ -58,8 +58,8 @@ class TrainingDiverged(RuntimeError):
 class _EpochTotals:
     """This rank's running sums of the epoch in progress; summed over the ranks at the end of the epoch.
 
-    Kept in mid-epoch checkpoints (rank 0's: after a multi-worker resume the epoch's training loss is
-    approximate; weights are exact).
+    Every rank's are kept in mid-epoch checkpoints; resumed at another world size, their sums go to the new
+    rank 0 (the counts and loss stay exact; the time is the old rank 0's).
     """
 
     loss_sum: float = 0.0

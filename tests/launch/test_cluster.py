@@ -4,7 +4,6 @@ Tests that build a cluster need root and Linux network namespaces; elsewhere the
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -111,7 +111,7 @@ def plot_report(report: dict, path: str) -> None:
         right.errorbar(sizes, busbw, yerr=[busbw - ci[0], ci[1] - busbw], color=color, marker="o",
                        markersize=3, capsize=2, label=name)
     left.set(xscale="log", yscale="log", xlabel="message size (bytes)", ylabel="time per allreduce (s)",
-             title=f"median with 95% CI; dashed: fitted alpha-beta model")
+             title="median with 95% CI; dashed: fitted alpha-beta model")
     right.set(xscale="log", xlabel="message size (bytes)", ylabel="bus bandwidth (GB/s)",
               title="busbw = size / time * 2(p-1)/p")
     for axes in (left, right):
