@@ -74,8 +74,8 @@ def ddp_run(comm: Communicator, exp: Experiment) -> dict:
     data = load_dataset(exp.dataset, seed=exp.seed, test_fraction=exp.test_fraction, **exp.dataset_args)
     torch.manual_seed(exp.seed)
     model = DistributedDataParallel(build_model(exp.model, data.num_classes, data.in_shape, **exp.model_args))
-    optimizer = build_optimizer(exp.optimizer, model.parameters(), lr=exp.lr, momentum=exp.momentum,
-                                weight_decay=exp.weight_decay)
+    optimizer = build_optimizer(exp.optimizer, model.parameters(), lr=exp.lr, weight_decay=exp.weight_decay,
+                                args=exp.optimizer_args)
     schedule = build_schedule(exp.schedule, exp.schedule_args, lr=exp.lr, epochs=exp.epochs,
                               batch_size=exp.batch_size, warmup_epochs=exp.warmup_epochs,
                               lr_reference_batch=exp.lr_reference_batch)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -15,46 +16,82 @@ OPTIMIZERS: Registry = Registry("optimizer")
 SCHEDULES: Registry = Registry("schedule")
 
 
-def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, momentum: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
-    """Builds the torch.optim optimizer registered as `name`."""
-    return OPTIMIZERS.get(name)(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
+# Settings every optimizer takes from the Experiment's own fields, not from optimizer_args.
+TOP_LEVEL = ("params", "lr", "weight_decay")
+# torch.optim keywords that choose an implementation or the direction (a loss is always minimised), not the
+# algorithm's hyper-parameters: left at torch's defaults and not offered as optimizer_args.
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable", "maximize")
 
 
-@OPTIMIZERS.register("sgd")
-def _sgd(params, lr, momentum, weight_decay):
-    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+def _register(name: str, cls: type[torch.optim.Optimizer], fixed: dict | None = None,
+              defaults: dict | None = None) -> None:
+    """Registers `cls` as `name`; the name sets the keywords `fixed`, and `defaults` replace torch's.
+
+    The factory's signature is the torch constructor's without `fixed` and IMPLEMENTATION_KEYS, so
+    Registry.check_arguments names the valid optimizer_args and `optimizer_defaults` reads their defaults.
+    """
+    fixed, defaults = fixed or {}, defaults or {}
+    signature = inspect.signature(cls)
+    kept = [p.replace(default=defaults.get(p.name, p.default)) for p in signature.parameters.values()
+            if p.name not in fixed and p.name not in IMPLEMENTATION_KEYS]
+
+    def factory(params, **kwargs):
+        return cls(params, **fixed, **kwargs)
+
+    factory.__signature__ = signature.replace(parameters=kept)
+    factory.__doc__ = f"torch.optim.{cls.__name__}" + (f" with {fixed}" if fixed else "")
+    OPTIMIZERS.register(name)(factory)
 
 
-@OPTIMIZERS.register("momentum")
-def _momentum(params, lr, momentum, weight_decay):
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+# SGD momentum 0.9 (Sutskever et al. 2013) is polytrain's default; every other key keeps torch's default.
+_register("sgd", torch.optim.SGD, fixed=dict(momentum=0.0, dampening=0.0, nesterov=False))
+_register("momentum", torch.optim.SGD, defaults=dict(momentum=0.9))
+_register("nesterov", torch.optim.SGD, fixed=dict(nesterov=True, dampening=0.0), defaults=dict(momentum=0.9))
+_register("adagrad", torch.optim.Adagrad)
+_register("rmsprop", torch.optim.RMSprop)
+_register("adam", torch.optim.Adam, fixed=dict(decoupled_weight_decay=False))  # decoupled is adamw
+_register("adamw", torch.optim.AdamW)
 
 
-@OPTIMIZERS.register("nesterov")
-def _nesterov(params, lr, momentum, weight_decay):
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+def _plain(value: Any) -> Any:
+    """Tuples as lists, the form TOML, --set and result.json use (torch accepts either)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
-@OPTIMIZERS.register("adagrad")
-def _adagrad(params, lr, momentum, weight_decay):
-    return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
+def optimizer_defaults(name: str) -> dict[str, Any]:
+    """Every optimizer_args key of optimizer `name` with its default (polytrain's, else torch's)."""
+    parameters = inspect.signature(OPTIMIZERS.get(name)).parameters.values()
+    return {p.name: _plain(p.default) for p in parameters if p.name not in TOP_LEVEL}
 
 
-@OPTIMIZERS.register("rmsprop")
-def _rmsprop(params, lr, momentum, weight_decay):
-    # `momentum` is RMSprop's smoothing constant alpha here, as in Caffe/torch naming it would clash.
-    return torch.optim.RMSprop(params, lr=lr, alpha=momentum, weight_decay=weight_decay)
+def check_optimizer(name: str, args: Mapping[str, Any], lr: float, weight_decay: float) -> None:
+    """Raises a one-line ValueError for an unknown key of `args` or a value torch refuses."""
+    OPTIMIZERS.check_arguments(name, args, fixed=TOP_LEVEL)
+    if "momentum" in args:
+        momentum = args["momentum"]
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ConfigError(f"optimizer_args.momentum must be a number in [0, 1), got {momentum!r}")
+    try:  # torch checks its own values (betas in [0, 1), eps >= 0, nesterov needs momentum > 0, ...)
+        build_optimizer(name, [torch.zeros(1, requires_grad=True)], lr, weight_decay, args)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"optimizer {name} with {dict(args)}: {error}") from None
 
 
-@OPTIMIZERS.register("adam")
-def _adam(params, lr, momentum, weight_decay):
-    return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float,
+                    args: Mapping[str, Any] | None = None) -> torch.optim.Optimizer:
+    """Builds the torch.optim optimizer registered as `name` with `args` over its defaults.
 
-
-@OPTIMIZERS.register("adamw")
-def _adamw(params, lr, momentum, weight_decay):
-    return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+    Args:
+        name: registered optimizer name.
+        params: the parameters to optimise.
+        lr: learning rate.
+        weight_decay: L2 penalty (decoupled for adamw).
+        args: the torch constructor's own keywords (momentum, betas, eps, ...); missing ones take
+            `optimizer_defaults(name)`.
+    """
+    args = {**optimizer_defaults(name), **(args or {})}
+    args = {key: tuple(value) if isinstance(value, list) else value for key, value in args.items()}
+    return OPTIMIZERS.get(name)(list(params), lr=lr, weight_decay=weight_decay, **args)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def test_optimizer_names_match_polytrains_optimizers():
 @pytest.mark.parametrize("optimizer", OPTIMIZERS.names())
 def test_optimizer_state_bytes_match_torch_optim(optimizer):
     model = build_model("mlp", 10, (1, 8, 8), hidden=(16,))
-    opt = build_optimizer(optimizer, model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0)
+    opt = build_optimizer(optimizer, model.parameters(), lr=0.1, weight_decay=0.0)
     model(torch.randn(4, 1, 8, 8)).sum().backward()
     opt.step()
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
@@ -69,7 +69,7 @@ STEPS = [
 def test_training_memory_is_within_20_percent_of_the_measured_peak(name, shape, batch, optimizer):
     torch.manual_seed(0)
     model = build_model(name, 10, shape)
-    opt = build_optimizer(optimizer, model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
+    opt = build_optimizer(optimizer, model.parameters(), lr=0.01, weight_decay=0.0)
     measured = measured_step_peak(model, opt, torch.randn(batch, *shape), torch.randint(0, 10, (batch,)))
     predicted = model_cost(model, shape, batch, optimizer=optimizer).total.training_memory_bytes
     assert abs(predicted - measured) <= 0.2 * measured, (predicted, measured)
@@ -91,7 +91,7 @@ def test_inplace_relu_writes_into_its_input(inplace):
     relu = cost.layers[1]
     assert relu.activation_bytes == (0 if inplace else 32 * 16 * 16 * 16 * 4)
     assert relu.saved_bytes == 32 * 16 * 16 * 16 * 4  # its output, which conv2 keeps too
-    opt = build_optimizer("momentum", model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
+    opt = build_optimizer("momentum", model.parameters(), lr=0.01, weight_decay=0.0)
     measured = measured_step_peak(model, opt, torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,)))
     assert abs(cost.total.training_memory_bytes - measured) <= 0.2 * measured
 

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from polytrain.config import ConfigError
-from polytrain.train.optim import OPTIMIZERS, build_optimizer, build_schedule
+from polytrain.config import ConfigError, Experiment, apply_overrides, load_toml, parse_assignments
+from polytrain.train.defaults import resolve
+from polytrain.train.optim import OPTIMIZERS, build_optimizer, build_schedule, optimizer_defaults
 
 
 def schedule(name, args=None, **kw):
@@ -13,17 +14,32 @@ def schedule(name, args=None, **kw):
     return build_schedule(name, args or {}, **settings)
 
 
-@pytest.mark.parametrize("name, torch_class, options", [
-    ("sgd", torch.optim.SGD, {"momentum": 0}), ("momentum", torch.optim.SGD, {"momentum": 0.9}),
-    ("nesterov", torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
-    ("adagrad", torch.optim.Adagrad, {}), ("rmsprop", torch.optim.RMSprop, {"alpha": 0.9}),
-    ("adam", torch.optim.Adam, {"betas": (0.9, 0.999)}), ("adamw", torch.optim.AdamW, {"betas": (0.9, 0.999)}),
-])
-def test_optimizer_steps_equal_torch_optims(name, torch_class, options):
+# (name, optimizer_args, the torch.optim class and keywords it must equal); {} takes the defaults.
+STEPS = [
+    ("sgd", {}, torch.optim.SGD, {}),
+    ("momentum", {}, torch.optim.SGD, {"momentum": 0.9}),
+    ("momentum", {"momentum": 0.8, "dampening": 0.1}, torch.optim.SGD, {"momentum": 0.8, "dampening": 0.1}),
+    ("momentum", {"nesterov": True}, torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
+    ("nesterov", {}, torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
+    ("adagrad", {}, torch.optim.Adagrad, {}),
+    ("adagrad", {"lr_decay": 0.01, "initial_accumulator_value": 0.1}, torch.optim.Adagrad,
+     {"lr_decay": 0.01, "initial_accumulator_value": 0.1}),
+    ("rmsprop", {}, torch.optim.RMSprop, {}),
+    ("rmsprop", {"alpha": 0.9, "momentum": 0.5, "centered": True}, torch.optim.RMSprop,
+     {"alpha": 0.9, "momentum": 0.5, "centered": True}),
+    ("adam", {}, torch.optim.Adam, {}),
+    ("adam", {"betas": [0.8, 0.99], "amsgrad": True}, torch.optim.Adam, {"betas": (0.8, 0.99), "amsgrad": True}),
+    ("adamw", {}, torch.optim.AdamW, {}),
+    ("adamw", {"eps": 1e-6}, torch.optim.AdamW, {"eps": 1e-6}),
+]
+
+
+@pytest.mark.parametrize("name, args, torch_class, options", STEPS)
+def test_optimizer_steps_equal_torch_optims(name, args, torch_class, options):
     torch.manual_seed(0)
-    ours, reference = torch.randn(5, requires_grad=True), None
+    ours = torch.randn(5, requires_grad=True)
     reference = ours.detach().clone().requires_grad_(True)
-    opt_ours = build_optimizer(name, [ours], lr=0.01, momentum=0.9, weight_decay=1e-3)
+    opt_ours = build_optimizer(name, [ours], lr=0.01, weight_decay=1e-3, args=args)
     opt_ref = torch_class([reference], lr=0.01, weight_decay=1e-3, **options)
     for _ in range(3):
         for param, opt in ((ours, opt_ours), (reference, opt_ref)):
@@ -32,6 +48,47 @@ def test_optimizer_steps_equal_torch_optims(name, torch_class, options):
             opt.step()
     assert torch.equal(ours, reference)
     assert sorted(OPTIMIZERS.names()) == ["adagrad", "adam", "adamw", "momentum", "nesterov", "rmsprop", "sgd"]
+
+
+def test_defaults_are_torchs_except_sgd_momentum():
+    assert optimizer_defaults("sgd") == {}
+    assert optimizer_defaults("momentum") == {"momentum": 0.9, "dampening": 0, "nesterov": False}
+    assert optimizer_defaults("nesterov") == {"momentum": 0.9}
+    assert optimizer_defaults("adam") == {"betas": [0.9, 0.999], "eps": 1e-8, "amsgrad": False}
+    assert optimizer_defaults("adamw") == {"betas": [0.9, 0.999], "eps": 1e-8, "amsgrad": False}
+    assert optimizer_defaults("rmsprop") == {"alpha": 0.99, "eps": 1e-8, "momentum": 0, "centered": False}
+    assert optimizer_defaults("adagrad") == {"lr_decay": 0, "initial_accumulator_value": 0, "eps": 1e-10}
+
+
+def test_resolve_makes_every_optimizer_argument_explicit():
+    base = Experiment(model="mlp", dataset="synthetic", optimizer="adam", lr=1e-3)
+    assert resolve(base).optimizer_args == {"betas": [0.9, 0.999], "eps": 1e-8, "amsgrad": False}
+    exp = resolve(base.replace(optimizer_args={"eps": 1e-6}))
+    assert exp.optimizer_args == {"betas": [0.9, 0.999], "eps": 1e-6, "amsgrad": False}
+    assert resolve(Experiment(model="mlp", dataset="synthetic")).optimizer_args["momentum"] == 0.9
+
+
+def test_optimizer_args_come_from_set_and_toml(tmp_path):
+    exp = apply_overrides(Experiment(), parse_assignments(["optimizer_args.momentum=0.8",
+                                                           "optimizer_args.betas=[0.9,0.99]"]))
+    assert exp.optimizer_args == {"momentum": 0.8, "betas": [0.9, 0.99]}
+    path = tmp_path / "run.toml"
+    path.write_text('optimizer = "rmsprop"\n[optimizer_args]\nalpha = 0.9\ncentered = true\n')
+    assert apply_overrides(Experiment(), load_toml(path)).optimizer_args == {"alpha": 0.9, "centered": True}
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("adam", {"momentum": 0.9}, "optimizer adam takes no argument 'momentum'; valid: betas, eps, amsgrad$"),
+    ("sgd", {"momentum": 0.9}, "optimizer sgd takes no argument 'momentum'; valid: none$"),
+    ("nesterov", {"nesterov": False}, "optimizer nesterov takes no argument 'nesterov'; valid: momentum$"),
+    ("momentum", {"momentum": 1.0}, r"optimizer_args.momentum must be a number in \[0, 1\), got 1.0"),
+    ("adam", {"betas": [1.5, 0.999]}, r"optimizer adam with .*: Invalid beta parameter at index 0: 1.5"),
+    ("adam", {"betas": 0.9}, "optimizer adam with .*: "),
+])
+def test_bad_optimizer_arguments_fail_resolve_in_one_line(name, args, message):
+    with pytest.raises(ValueError, match=message) as error:
+        resolve(Experiment(model="mlp", dataset="synthetic", optimizer=name, optimizer_args=args))
+    assert "\n" not in str(error.value)
 
 
 def test_step_schedule_decays_at_milestones():
