@@ -140,7 +140,7 @@ def train_to_target(trainer: Trainer) -> Result:
                 break  # the accuracy is summed over the ranks: every rank stops after the same epoch
         return trainer.finish()
     finally:
-        trainer.strategy.close()
+        trainer.policy.close()
 
 
 def run_once(comm: Communicator, exp: Experiment,
