@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from polytrain.compress.base import Aggregation, Compressor, CompressorTraits, Payload, State
-from polytrain.compress.wrappers import forward_traits
+from polytrain.compress.wrappers import forward_traits, prefixed, unprefixed
 
-_INNER = "inner."  # prefix of the wrapped compressor's state keys, as in polytrain.compress.wrappers
+_INNER = "inner."  # prefix of the wrapped compressor's state keys, as in the other wrappers
 
 
 class MomentumCorrection(CompressorTraits):
@@ -60,7 +60,7 @@ class MomentumCorrection(CompressorTraits):
 
     def init(self, tensor: torch.Tensor) -> State:
         u = torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
-        return {**{_INNER + key: value for key, value in self.inner.init(tensor).items()}, "u": u}
+        return {**prefixed(_INNER, self.inner.init(tensor)), "u": u}
 
     def compress(self, tensor: torch.Tensor, state: State) -> tuple[Payload, State]:
         gradient = tensor.to(torch.float32)
@@ -84,8 +84,8 @@ class MomentumCorrection(CompressorTraits):
 
     @staticmethod
     def _inner_state(state: State) -> State:
-        return {key[len(_INNER):]: value for key, value in state.items() if key.startswith(_INNER)}
+        return unprefixed(_INNER, state)
 
     @staticmethod
     def _with_inner(inner_state: State, u: torch.Tensor) -> State:
-        return {**{_INNER + key: value for key, value in inner_state.items()}, "u": u}
+        return {**prefixed(_INNER, inner_state), "u": u}

@@ -21,11 +21,13 @@ import torch
 from polytrain.compress.base import Aggregation, Compressor, CompressorTraits, NoCompression, Payload, State
 
 
-def _prefixed(prefix: str, state: State) -> State:
+def prefixed(prefix: str, state: State) -> State:
+    """`state` with every key under `prefix` (a wrapper's view of its inner compressor's state)."""
     return {prefix + key: value for key, value in state.items()}
 
 
-def _unprefixed(prefix: str, state: State) -> State:
+def unprefixed(prefix: str, state: State) -> State:
+    """The entries of `state` under `prefix`, with the prefix taken off."""
     return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 
@@ -73,13 +75,13 @@ class ErrorFeedback(CompressorTraits):
 
     def init(self, tensor: torch.Tensor) -> State:
         residual = torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
-        return {**_prefixed("inner.", self.inner.init(tensor)), "residual": residual}
+        return {**prefixed("inner.", self.inner.init(tensor)), "residual": residual}
 
     def compress(self, tensor: torch.Tensor, state: State) -> tuple[Payload, State]:
         corrected = tensor.to(torch.float32) + state["residual"]
-        payload, inner_state = self.inner.compress(corrected, _unprefixed("inner.", state))
+        payload, inner_state = self.inner.compress(corrected, unprefixed("inner.", state))
         residual = corrected - self.inner.decompress(payload)
-        return payload, {**_prefixed("inner.", inner_state), "residual": residual}
+        return payload, {**prefixed("inner.", inner_state), "residual": residual}
 
     def decompress(self, payload: Payload) -> torch.Tensor:
         return self.inner.decompress(payload)
@@ -206,11 +208,11 @@ class Chain(CompressorTraits):
     def init(self, tensor: torch.Tensor) -> State:
         first_state = self.first.init(tensor)
         second_state = self.second.init(torch.zeros(0, dtype=torch.float32, device=tensor.device))
-        return {**_prefixed("first.", first_state), **_prefixed("second.", second_state)}
+        return {**prefixed("first.", first_state), **prefixed("second.", second_state)}
 
     def compress(self, tensor: torch.Tensor, state: State) -> tuple[Payload, State]:
-        inner, first_state = self.first.compress(tensor, _unprefixed("first.", state))
-        second_state = _unprefixed("second.", state)
+        inner, first_state = self.first.compress(tensor, unprefixed("first.", state))
+        second_state = unprefixed("second.", state)
         wire: list[torch.Tensor] = []
         parts: list[tuple[int, torch.dtype, dict] | None] = []  # per wire tensor of `first`
         for tensor_on_wire in inner.wire:
@@ -222,7 +224,7 @@ class Chain(CompressorTraits):
             wire.extend(part.wire)
             parts.append((len(part.wire), tensor_on_wire.dtype, part.context))
         payload = Payload(wire, {"first": inner.context, "parts": parts})
-        return payload, {**_prefixed("first.", first_state), **_prefixed("second.", second_state)}
+        return payload, {**prefixed("first.", first_state), **prefixed("second.", second_state)}
 
     def decompress(self, payload: Payload) -> torch.Tensor:
         wire = iter(payload.wire)
