@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from polytrain.config import ConfigError, Experiment, apply_overrides, load_toml, parse_assignments
+from polytrain.config import Experiment, apply_overrides, load_toml, parse_assignments
 from polytrain.train.defaults import resolve
 from polytrain.train.optim import OPTIMIZERS, build_optimizer, build_schedule, optimizer_defaults
 
