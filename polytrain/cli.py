@@ -21,6 +21,7 @@ from polytrain.models import MODELS
 from polytrain.ops.conv import CONV_ALGORITHMS
 from polytrain.schedules import STEP_SCHEDULES
 from polytrain.strategies import STRATEGIES
+from polytrain.tasks import TASKS
 from polytrain.train import TrainingDiverged, stored_experiment, train
 from polytrain.train.optim import OPTIMIZERS, SCHEDULES
 from polytrain.train.progress import console_reporter
@@ -30,10 +31,11 @@ HOST_OUTPUT_LINES = 30
 
 # Flags that map one-to-one onto Experiment fields.
 _FIELD_FLAGS = {"model": str, "dataset": str, "workers": int, "epochs": int, "batch_size": int, "lr": float,
-                "optimizer": str, "schedule": str, "microbatches": int, "seed": int, "target_accuracy": float,
-                "precision": str, "out": str, "step_schedule": str, "device": str, "amp": str}
+                "optimizer": str, "schedule": str, "microbatches": int, "seed": int, "target": float,
+                "precision": str, "out": str, "step_schedule": str, "device": str, "amp": str, "task": str,
+                "loader_workers": int}
 
-REGISTRIES = {"models": MODELS, "datasets": DATASETS, "optimizers": OPTIMIZERS, "schedules": SCHEDULES,
+REGISTRIES = {"models": MODELS, "datasets": DATASETS, "tasks": TASKS, "optimizers": OPTIMIZERS, "schedules": SCHEDULES,
               "step schedules": STEP_SCHEDULES, "strategies": STRATEGIES, "allreduce algorithms": ALLREDUCE_ALGORITHMS,
               "sparse allreduce algorithms": SPARSE_ALLREDUCE_ALGORITHMS, "compressors": COMPRESSORS,
               "convolution algorithms": CONV_ALGORITHMS}
@@ -42,6 +44,9 @@ REGISTRIES = {"models": MODELS, "datasets": DATASETS, "optimizers": OPTIMIZERS, 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     for name, kind in _FIELD_FLAGS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, dest=name)
+    # The stable name for classification runs; --target is the same setting for any task's metric.
+    parser.add_argument("--target-accuracy", type=float, default=None, dest="target",
+                        help="test accuracy for time-to-target (same as --target)")
     parser.add_argument("--strategy", default=None, help="update policy NAME[:k=v,...]")
     parser.add_argument("--mesh", default=None, help="mesh axes AXIS=SIZE,... (dp, pp, tp); --workers is their product")
     parser.add_argument("--compressor", default=None, help="NAME[+NAME][:k=v,...] (gradient compression)")
@@ -138,9 +143,13 @@ def command_train(args: argparse.Namespace) -> int:
     result = train(exp, resume=args.resume, reporter=console_reporter(sys.stdout))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 speaks for the run
-    print(f"final test accuracy {100 * result.final_test_accuracy:.2f}% "
-          f"(best {100 * result.best_test_accuracy:.2f}%), {result.wall_s:.1f} s, "
-          f"{result.samples_per_s:.0f} samples/s" + (f"; results in {exp.out}" if exp.out else ""))
+    if result.final_test_accuracy is not None:
+        judged = (f"final test accuracy {100 * result.final_test_accuracy:.2f}% "
+                  f"(best {100 * result.best_test_accuracy:.2f}%)")
+    else:
+        judged = f"final test {result.metric} {result.final_test_metric:.4g} (best {result.best_test_metric:.4g})"
+    print(f"{judged}, {result.wall_s:.1f} s, {result.samples_per_s:.0f} samples/s"
+          + (f"; results in {exp.out}" if exp.out else ""))
     return 0
 
 

@@ -35,6 +35,10 @@ class Experiment:
         augment_shift: translate training images by up to this many pixels (0: off).
         augment_flip: mirror training images left-right with probability 1/2.
         test_fraction: share of samples held out for testing (datasets with an official split ignore it).
+        task: what is learned and judged, a registered task (polytrain.tasks: classification, regression,
+            language_model; None: the dataset's).
+        loader_workers: DataLoader worker processes per rank for data read sample by sample (streamed
+            datasets, a user's torch Dataset; 0: read in the training process). In-memory datasets ignore it.
         workers: number of ranks (None: the product of the mesh's axes, or 1).
         mesh: sizes of the mesh axes, e.g. {"dp": 2, "pp": 2} (polytrain.comm.mesh; None or missing axes:
             all ranks data-parallel).
@@ -68,7 +72,9 @@ class Experiment:
         rounding: how weights are rounded to `precision`: stochastic or nearest.
         microbatches: split each worker's batch into this many microbatches (gradient accumulation).
         seed: seed of weights, data order and split.
-        target_accuracy: test accuracy in [0, 1] for time-to-accuracy.
+        target: the value of the task's test metric that time-to-target waits for (an accuracy in (0, 1],
+            a perplexity, an RMSE; reached when the metric is at least, or for lower-is-better metrics at
+            most, this).
         checkpoint_steps: also checkpoint every this many steps (0: only at the end of each epoch).
         threads: torch threads per worker (None: the machine's cores divided by the workers).
         timeout_s: the longest any communication may wait for a peer before the run fails.
@@ -80,6 +86,8 @@ class Experiment:
     dataset: str = "mnist5k"
     dataset_args: dict = field(default_factory=dict)
     test_fraction: float = 0.2
+    task: str | None = None
+    loader_workers: int = 1
     augment_shift: int | None = None
     augment_flip: bool | None = None
     workers: int | None = None
@@ -106,7 +114,7 @@ class Experiment:
     rounding: str = "stochastic"
     microbatches: int = 1
     seed: int = 0
-    target_accuracy: float | None = None
+    target: float | None = None
     checkpoint_steps: int = 0
     threads: int | None = None
     timeout_s: float = 60.0

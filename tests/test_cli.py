@@ -16,14 +16,15 @@ def run_cli(*argv):
 def test_list_prints_every_registry(capsys):
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["models", "datasets", "optimizers", "schedules", "step schedules",
+    assert [line.split(":")[0] for line in lines] == ["models", "datasets", "tasks", "optimizers", "schedules", "step schedules",
                                                       "strategies", "allreduce algorithms",
                                                       "sparse allreduce algorithms", "compressors",
                                                       "convolution algorithms"]
-    assert "lenet5" in lines[0] and "mnist5k" in lines[1] and "cosine" in lines[3] and "accumulate" in lines[4]
-    assert "allreduce" in lines[5] and "local_sgd" in lines[5] and "diloco" in lines[5]
-    assert "rabenseifner" in lines[6] and "dsar_split_allgather" in lines[7] and "powersgd" in lines[8]
-    assert "winograd2" in lines[9]
+    assert "lenet5" in lines[0] and "mnist5k" in lines[1] and "language_model" in lines[2]
+    assert "cosine" in lines[4] and "accumulate" in lines[5]
+    assert "allreduce" in lines[6] and "local_sgd" in lines[6] and "diloco" in lines[6]
+    assert "rabenseifner" in lines[7] and "dsar_split_allgather" in lines[8] and "powersgd" in lines[9]
+    assert "winograd2" in lines[10]
 
 
 def test_train_writes_results_and_flags_override_config(tmp_path, capsys):

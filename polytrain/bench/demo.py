@@ -21,7 +21,7 @@ DEMO_ALGORITHMS = ("central", "ring", "native")
 
 def demo_experiments(epochs: int | None, out: Path | None) -> tuple[Experiment, dict[str, Experiment]]:
     """The single-worker baseline and the parallel runs the demo compares with it, by label."""
-    base = Experiment(model="lenet5", dataset="mnist5k", epochs=epochs, target_accuracy=TARGET_ACCURACY)
+    base = Experiment(model="lenet5", dataset="mnist5k", epochs=epochs, target=TARGET_ACCURACY)
     baseline = base.replace(out=str(out / "1-worker") if out else None)
     parallel = {f"{PARALLEL_WORKERS} workers, {name}": base.replace(
         workers=PARALLEL_WORKERS, strategy="allreduce", strategy_args={"algorithm": name},

@@ -6,9 +6,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import Sampler
 
 
-class ShardedBatchSampler:
+class ShardedBatchSampler(Sampler[list[int]]):
     """Yields one rank's share of every global batch of an epoch.
 
     Each epoch draws one permutation of the training samples from (seed, epoch), identical on all ranks,
@@ -18,7 +19,8 @@ class ShardedBatchSampler:
     N workers can reproduce one worker; every sample is used exactly once per epoch.
 
     The sampler is stateless apart from its settings: the position in training is (epoch, step), which
-    is what a checkpoint stores.
+    is what a checkpoint stores. As a torch `Sampler` (`DataLoader(dataset, batch_sampler=sampler)`) it
+    yields the index lists of the epoch and step set by `set_epoch`, like DistributedSampler.
 
     Args:
         num_samples: size of the training split.
@@ -48,6 +50,18 @@ class ShardedBatchSampler:
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.current_epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The epoch (and the step to start at, for resuming) that iterating the sampler yields."""
+        self.current_epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for shard in self.epoch(self.current_epoch, self.start_step):
+            yield shard.tolist()
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch() - self.start_step
 
     def steps_per_epoch(self) -> int:
         """Number of global batches in one epoch."""

@@ -108,7 +108,9 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: tuple = (), *, th
                           timeout=timedelta(seconds=timeout_s))
     context = mp.get_context("spawn")
     results = context.Queue()
-    processes = [context.Process(target=_worker, daemon=True,
+    # Not daemonic: a rank may start processes of its own (DataLoader workers); the parent still ends
+    # every rank in the `finally` below.
+    processes = [context.Process(target=_worker, daemon=False,
                                  args=(rank, world_size, store.port, backend or default_backend(), threads,
                                        timeout_s, results, fn, args))
                  for rank in range(world_size)]

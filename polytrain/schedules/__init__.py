@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from polytrain.registry import Registry
+from polytrain.tasks import CLASSIFICATION, Task
 
 STEP_SCHEDULES: Registry = Registry("step schedule")
 
@@ -54,20 +54,22 @@ class StepContext:
             here to launch their reductions with the last one).
         autocast: the mixed-precision context of forward passes (default: none).
         scale_loss: applied to the loss before backward (fp16 loss scaling; default: identity).
+        task: the loss to minimise and the metric to sum (polytrain.tasks; default: classification).
     """
 
     global_batch: int
     before_backward: Callable[[bool], None] | None = None
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     scale_loss: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda loss: loss)
+    task: Task = CLASSIFICATION
 
 
 @dataclass
 class StepOutput:
-    """The summed loss over this rank's samples of the step and the number of correct predictions."""
+    """The loss and the task's metric, each summed over this rank's samples of the step."""
 
     loss_sum: float = 0.0
-    correct: int = 0
+    metric_sum: float = 0.0
 
 
 class StepSchedule(Protocol):
@@ -97,11 +99,12 @@ def run_actions(actions: list[Action], model: nn.Module, x: torch.Tensor, y: tor
         if action.op == "forward":
             x_micro, y_micro = pieces[action.microbatch]
             with context.autocast():
-                logits = model(x_micro)
-                loss = F.cross_entropy(logits, y_micro, reduction="sum")  # autocast computes it in float32
+                prediction = model(x_micro)
+                loss = context.task.loss_sum(prediction, y_micro)  # autocast computes losses in float32
             pending[action.microbatch] = loss
             output.loss_sum += loss.item()
-            output.correct += int((logits.argmax(dim=1) == y_micro).sum())
+            with torch.no_grad():
+                output.metric_sum += float(context.task.metric.per_sample_sum(prediction, y_micro))
         elif action.op == "backward":
             loss = pending.pop(action.microbatch)
             if context.before_backward is not None:
@@ -134,10 +137,11 @@ class Accumulate:
 
 
 def local_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatches: int, global_batch: int,
-               before_backward: Callable[[bool], None] | None = None) -> tuple[float, int]:
-    """Forward and backward of one replica's batch under `accumulate`: (summed loss, correct predictions)."""
+               before_backward: Callable[[bool], None] | None = None) -> tuple[float, float]:
+    """Forward and backward of one replica's classification batch under `accumulate`: (summed loss, correct
+    predictions)."""
     output = Accumulate().run(model, x, y, microbatches, StepContext(global_batch, before_backward))
-    return output.loss_sum, output.correct
+    return output.loss_sum, output.metric_sum
 
 
 __all__ = ["STEP_SCHEDULES", "Action", "StepContext", "StepOutput", "StepSchedule", "Accumulate", "run_actions",

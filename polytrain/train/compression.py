@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from polytrain.compress import COMPRESSORS, Compressor, build_compressor
 from polytrain.compress.momentum import MomentumCorrection
 from polytrain.config import ConfigError, Experiment
@@ -103,3 +105,39 @@ def plan_compression(exp: Experiment, rank: int) -> CompressionPlan:
               f"the momentum before {compressor.name} (Lin et al. 2018); the optimizer runs as plain sgd with the "
               f"same lr and weight decay")
     return CompressionPlan(MomentumCorrection(compressor, momentum, nesterov), PLAIN, plain_args, notice)
+
+
+def _registered_optimizer(optimizer: torch.optim.Optimizer) -> tuple[str | None, dict]:
+    """The registered optimizer a torch optimizer amounts to, and its momentum keywords (None: another kind,
+    whose state is no heavy-ball momentum)."""
+    group = optimizer.param_groups[0]
+    if type(optimizer) is torch.optim.SGD:
+        if group["momentum"] == 0:
+            return PLAIN, {}
+        if group["nesterov"]:
+            return "nesterov", {"momentum": group["momentum"]}
+        return "momentum", {"momentum": group["momentum"], "dampening": group["dampening"]}
+    return None, {}
+
+
+def compress_for(compressor: str, compressor_args: dict, optimizer: torch.optim.Optimizer,
+                 rank: int) -> tuple[Compressor, str | None]:
+    """This rank's compressor for a run stepping `optimizer`, and the plan's notice (module docstring).
+
+    Where the plan moves momentum in front of the compressor, the optimizer's param groups lose theirs
+    (momentum 0: torch's SGD then steps as plain SGD with the same lr and weight decay).
+    """
+    name, args = _registered_optimizer(optimizer)
+    if name is None:
+        if owns_momentum(compressor):
+            raise ConfigError(f"compressor {compressor} applies momentum itself (momentum correction) and needs "
+                              f"torch.optim.SGD; got {type(optimizer).__name__}")
+        return build_compressor(compressor, dict(compressor_args), rank=rank), None
+    described = Experiment(compressor=compressor, compressor_args=dict(compressor_args), optimizer=name,
+                           optimizer_args=args)
+    check_compression_plan(described)
+    plan = plan_compression(described, rank)
+    if plan.optimizer == PLAIN and name != PLAIN:
+        for group in optimizer.param_groups:
+            group.update(momentum=0.0, dampening=0.0, nesterov=False)
+    return plan.compressor, plan.notice

@@ -6,6 +6,7 @@ The accuracies these defaults reach are measured and listed in README.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
@@ -18,6 +19,7 @@ from polytrain.models import MODELS
 from polytrain.ops.precision import ROUNDING_MODES, parse_format
 from polytrain.schedules import STEP_SCHEDULES
 from polytrain.strategies import STRATEGIES, policy_args
+from polytrain.tasks import ACCURACY, TASKS
 from polytrain.train.compression import check_compression_plan
 from polytrain.train.optim import OPTIMIZERS, SCHEDULES, check_optimizer, optimizer_defaults
 
@@ -27,6 +29,9 @@ AMP_MODES = ("none", "bf16", "fp16")
 # The model a dataset trains when none is named.
 DEFAULT_MODEL = {"digits": "lenet5", "mnist5k": "lenet5", "mnist": "lenet5", "mnist1d": "gru",
                  "synthetic": "mlp", "cifar10": "resnet20", "cifar100": "resnet20", "imagefolder": "resnet18"}
+
+# The task of each registered dataset that is not classification (polytrain.tasks).
+DATASET_TASKS = {"pydoc": "language_model", "diabetes": "regression"}
 
 # Training settings per dataset. Image datasets get pad-and-crop shifts (digits are only 8 px wide: none);
 # CIFAR and photos also get mirroring, as in He et al. 2016. Sequences and synthetic data get none.
@@ -60,8 +65,21 @@ _MODEL_DEFAULTS = {
 _PAIR_DEFAULTS = {("lstm", "mnist1d"): dict(epochs=60)}
 
 
-def resolve(exp: Experiment) -> Experiment:
-    """Fills every None setting with its default and validates the result."""
+def dataset_task(exp: Experiment) -> str:
+    """The task of exp's dataset: the registered loader's (arrays: its `task` argument), else classification."""
+    if exp.dataset == "arrays":
+        return exp.dataset_args.get("task", "classification")
+    return DATASET_TASKS.get(exp.dataset, "classification")
+
+
+def resolve(exp: Experiment, *, own: tuple[str, ...] = ()) -> Experiment:
+    """Fills every None setting with its default and validates the result.
+
+    Args:
+        exp: the experiment.
+        own: the settings ("model", "dataset", "task") a user's own objects stand in for: their names are
+            not looked up in the registries.
+    """
     model = exp.model or DEFAULT_MODEL.get(exp.dataset, "mlp")
     filled = {**_DATASET_DEFAULTS.get(exp.dataset, _DATASET_DEFAULTS["synthetic"]),
               **_MODEL_DEFAULTS.get(model, {}), **_PAIR_DEFAULTS.get((model, exp.dataset), {})}
@@ -72,7 +90,8 @@ def resolve(exp: Experiment) -> Experiment:
     if not exp.mesh:  # every rank a data-parallel replica
         shape = MeshShape(dp=workers)
     shape.check_workers(workers)
-    changes.update(workers=workers, mesh=shape.sizes(), device=resolve_device(exp.device))
+    changes.update(workers=workers, mesh=shape.sizes(), device=resolve_device(exp.device),
+                   task=exp.task or dataset_task(exp))
     if exp.strategy is None:
         changes["strategy"] = "local" if workers == 1 else "allreduce"
     if exp.threads is None:
@@ -80,7 +99,7 @@ def resolve(exp: Experiment) -> Experiment:
     # Every optimizer keyword explicit in result.json: momentum 0.9 for momentum/nesterov, else torch's defaults.
     changes["optimizer_args"] = {**optimizer_defaults(changes.get("optimizer", exp.optimizer)), **exp.optimizer_args}
     resolved = dataclasses.replace(exp, model=model, **changes)
-    validate(resolved)
+    validate(resolved, own=own)
     return resolved
 
 
@@ -111,11 +130,14 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(exp: Experiment) -> None:
-    """Raises ConfigError, with the arithmetic, for the first invalid setting of a resolved Experiment."""
-    for registry, name in ((MODELS, exp.model), (DATASETS, exp.dataset), (STRATEGIES, exp.strategy),
-                           (OPTIMIZERS, exp.optimizer), (SCHEDULES, exp.schedule)):
-        registry.get(name)
+def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
+    """Raises ConfigError, with the arithmetic, for the first invalid setting of a resolved Experiment
+    (`own`: see resolve)."""
+    for key, registry, name in (("model", MODELS, exp.model), ("dataset", DATASETS, exp.dataset),
+                                ("task", TASKS, exp.task), ("strategy", STRATEGIES, exp.strategy),
+                                ("optimizer", OPTIMIZERS, exp.optimizer), ("schedule", SCHEDULES, exp.schedule)):
+        if key not in own:
+            registry.get(name)
     policy_args(exp.strategy, exp.strategy_args)
     shape = MeshShape.from_sizes(exp.mesh)
     shape.check_workers(exp.workers)
@@ -153,8 +175,11 @@ def validate(exp: Experiment) -> None:
     _check(exp.lr_reference_batch is None or exp.lr_reference_batch >= 1,
            f"lr reference batch must be at least 1, got {exp.lr_reference_batch}")
     _check(exp.grad_clip is None or exp.grad_clip > 0, f"gradient clip must be positive, got {exp.grad_clip}")
-    _check(exp.target_accuracy is None or 0 < exp.target_accuracy <= 1,
-           f"target accuracy must be a fraction in (0, 1], got {exp.target_accuracy}")
+    accuracy = "task" not in own and TASKS.get(exp.task).metric == ACCURACY
+    _check(exp.target is None or not accuracy or 0 < exp.target <= 1,
+           f"target accuracy must be a fraction in (0, 1], got {exp.target}")
+    _check(exp.target is None or math.isfinite(exp.target), f"target must be a finite number, got {exp.target}")
+    _check(exp.loader_workers >= 0, f"loader workers must be >= 0, got {exp.loader_workers}")
     _check(exp.checkpoint_steps >= 0, f"checkpoint steps must be >= 0, got {exp.checkpoint_steps}")
     _check(exp.augment_shift >= 0, f"augment shift must be >= 0 pixels, got {exp.augment_shift}")
     parse_format(exp.precision)

@@ -13,36 +13,31 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from polytrain.comm import Communicator, CommStats
-from polytrain.comm.gather import gather_objects
-from polytrain.comm.mesh import Mesh, MeshShape
 from polytrain.config import ConfigError, Experiment
-from polytrain.data import Dataset, load_dataset
+from polytrain.data import load_dataset
 from polytrain.data.augment import augment_images, draw_augmentation
+from polytrain.data.loading import RunData, run_data
 from polytrain.data.sampler import ShardedBatchSampler
 from polytrain.launch import init_from_torchrun, run_workers, under_torchrun
 from polytrain.models import build_model
 from polytrain.ops.precision import parse_format, quantize_parameters_, rounding_generator
 from polytrain.schedules import STEP_SCHEDULES, StepContext
-from polytrain.strategies import UpdatePolicy, build_policy
-from polytrain.strategies.averaging import sum_over
-from polytrain.train.amp import MixedPrecision
-from polytrain.train.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, reshard_error, rng_state,
-                                        save_checkpoint, set_rng_state)
-from polytrain.train.compression import plan_compression
+from polytrain.tasks import TASKS, Task
+from polytrain.train.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, reshard_error
 from polytrain.train.defaults import resolve
 from polytrain.train.environment import environment
 from polytrain.train.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from polytrain.train.optim import Schedule, build_optimizer, build_schedule
 from polytrain.train.progress import Reporter, SilentReporter, console_reporter
 from polytrain.train.result import Result
+from polytrain.train.session import Session, backend_for
 
-EVAL_BATCH = 1024
 # Settings that may differ when resuming: they do not change what has been computed so far.
-RESUMABLE_CHANGES = ("epochs", "out", "target_accuracy", "checkpoint_steps", "threads", "timeout_s", "device")
+RESUMABLE_CHANGES = ("epochs", "out", "target", "checkpoint_steps", "threads", "timeout_s", "device",
+                     "loader_workers")
 # Settings that may differ when a run resumes at another world size (the global batch stays and the sampler
 # re-shards it), provided its policy state is the same on every rank (checkpoint.reshard_error). The strategy
 # may change between `local` and `allreduce`: the same synchronous SGD on 1 and on N replicas.
@@ -63,7 +58,7 @@ class _EpochTotals:
     """
 
     loss_sum: float = 0.0
-    correct: int = 0
+    metric_sum: float = 0.0
     samples: int = 0
     train_s: float = 0.0
 
@@ -81,36 +76,46 @@ class _Position:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device | str = "cpu") -> tuple[float, int]:
-    """Summed loss and number of correct predictions of `model` on (x, y), in eval mode."""
+def evaluate(model: nn.Module, batches, task: Task, device: torch.device | str = "cpu") -> tuple[float, float]:
+    """The loss and the task's metric of `model` summed over the samples of `batches` ((x, y) pairs), in
+    eval mode."""
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(x), EVAL_BATCH):
-        logits = model(x[start:start + EVAL_BATCH].to(device))
-        target = y[start:start + EVAL_BATCH].to(device)
-        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-        correct += int((logits.argmax(dim=1) == target).sum())
+    loss_sum, metric_sum = 0.0, 0.0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        output = model(x)
+        loss_sum += float(task.loss_sum(output, y))
+        metric_sum += float(task.metric.per_sample_sum(output, y))
     model.train(was_training)
-    return loss_sum, correct
+    return loss_sum, metric_sum
 
 
-def rank_device(device: str, comm: Communicator | None) -> torch.device:
-    """This rank's device: its own GPU (LOCAL_RANK under torchrun, else the rank modulo the GPUs) or the CPU."""
-    if device != "cuda":
-        return torch.device("cpu")
-    index = int(os.environ.get("LOCAL_RANK", comm.rank if comm is not None else 0)) % torch.cuda.device_count()
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
-
-
-def load_run_data(exp: Experiment) -> Dataset:
-    """The run's dataset, checked against the augmentation it asks for."""
-    data = load_dataset(exp.dataset, seed=exp.seed, test_fraction=exp.test_fraction, **exp.dataset_args)
-    if (exp.augment_shift or exp.augment_flip) and len(data.in_shape) != 3:
+def load_run_data(exp: Experiment, data=None) -> RunData:
+    """The run's data (the user's `data`, else the registered dataset), checked against its augmentation."""
+    if data is None:
+        data = load_dataset(exp.dataset, seed=exp.seed, test_fraction=exp.test_fraction, **exp.dataset_args)
+    loaded = run_data(data, name=exp.dataset, seed=exp.seed, test_fraction=exp.test_fraction, task=exp.task,
+                      workers=exp.loader_workers)
+    if (exp.augment_shift or exp.augment_flip) and len(loaded.in_shape) != 3:
         raise ConfigError(f"augmentation needs image samples (C, H, W); dataset {exp.dataset} gives "
-                          f"{data.in_shape} (set augment_shift=0 and augment_flip=false)")
-    return data
+                          f"{loaded.in_shape} (set augment_shift=0 and augment_flip=false)")
+    return loaded
+
+
+@dataclass(frozen=True)
+class OwnObjects:
+    """What a user brings instead of registry names (polytrain.train's keywords), sent to every rank.
+
+    Attributes:
+        model: a picklable callable returning the nn.Module (a class, a module-level function, a partial).
+        data: a Dataset, a map-style torch Dataset or a (train, test) pair of them.
+        task: the loss and metric (polytrain.tasks.Task).
+    """
+
+    model: Callable[[], nn.Module] | None = None
+    data: object = None
+    task: Task | None = None
 
 
 class Trainer:
@@ -121,10 +126,11 @@ class Trainer:
         reporter: progress output.
         on_step: called with the global step number after every step (single-process runs).
         comm: this rank's communicator over the run's ranks (None: a single process).
+        own: the user's own model factory, data and task, in place of exp's registry names.
     """
 
     def __init__(self, exp: Experiment, reporter: Reporter, on_step: Callable[[int], None] | None,
-                 comm: Communicator | None = None) -> None:
+                 comm: Communicator | None = None, own: OwnObjects = OwnObjects()) -> None:
         self.exp = exp
         self.reporter = reporter
         self.on_step = on_step
@@ -132,100 +138,73 @@ class Trainer:
         # Subnormal floats (tiny weights and gradients late in training) slow CPU arithmetic ~10x; flushing
         # them to zero is what accelerators do anyway.
         torch.set_flush_denormal(True)
-        self.device = rank_device(exp.device, comm)
-        if comm is not None:
-            comm.device = self.device
-            comm.reset_stats()  # the run's counts start here, also when ranks run several runs in sequence
-        self.mesh = Mesh.build(MeshShape.from_sizes(exp.mesh), comm)
-        self.rank = self.mesh.rank
-        self.data = load_run_data(exp)
+        self.session = Session(comm, strategy=exp.strategy, strategy_args=exp.strategy_args,
+                               compressor=exp.compressor, compressor_args=exp.compressor_args, mesh=exp.mesh,
+                               device=exp.device, amp=exp.amp, grad_clip=exp.grad_clip, seed=exp.seed)
+        self.device, self.mesh, self.rank = self.session.device, self.session.mesh, self.session.rank
+        self.data = load_run_data(exp, own.data)
+        self.task = own.task or TASKS.get(exp.task)
         torch.manual_seed(exp.seed)
-        self.policy, optimizer_name, optimizer_args = self.build_policy()
-        model = build_model(exp.model, self.data.num_classes, self.data.in_shape, **exp.model_args).to(self.device)
-        self.model = self.policy.prepare(model)
+        model = self.build_model(own.model)
         self.number_format = parse_format(exp.precision)
-        quantize_parameters_(self.model, self.number_format, "nearest")  # stored in the format from step 0
-        self.optimizer = build_optimizer(optimizer_name, self.model.parameters(), lr=exp.lr,
-                                         weight_decay=exp.weight_decay, args=optimizer_args)
+        quantize_parameters_(model, self.number_format, "nearest")  # stored in the format from step 0
+        optimizer = build_optimizer(exp.optimizer, model.parameters(), lr=exp.lr, weight_decay=exp.weight_decay,
+                                    args=exp.optimizer_args)
+        self.model, self.optimizer = self.session.setup(model, optimizer)
+        self.policy = self.session.policy
         self.schedule: Schedule = build_schedule(exp.schedule, exp.schedule_args, lr=exp.lr, epochs=exp.epochs,
                                                  batch_size=exp.batch_size, warmup_epochs=exp.warmup_epochs,
                                                  lr_reference_batch=exp.lr_reference_batch)
         self.step_schedule = STEP_SCHEDULES.get(exp.step_schedule)()
-        self.precision = MixedPrecision(exp.amp, self.device)
+        self.precision = self.session.precision
         self.position = _Position()
         self.out = Path(exp.out) if exp.out else None
         if self.out is not None and self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)  # fail on an unwritable --out before training
 
-    def build_policy(self) -> tuple[UpdatePolicy, str, dict]:
-        """This rank's update policy (with its compressor), and the optimizer and its arguments the run
-        steps with (momentum moves in front of an error-feedback compressor: polytrain.train.compression)."""
-        exp = self.exp
-        if exp.compressor is None:
-            return build_policy(exp.strategy, self.mesh, exp.strategy_args), exp.optimizer, dict(exp.optimizer_args)
-        plan = plan_compression(exp, self.rank)
-        if plan.notice is not None and self.rank == 0:
-            print(f"polytrain: {plan.notice}", file=sys.stderr)
-        return (build_policy(exp.strategy, self.mesh, exp.strategy_args, plan.compressor), plan.optimizer,
-                plan.optimizer_args)
+    def build_model(self, factory: Callable[[], nn.Module] | None) -> nn.Module:
+        """The user's model from `factory`, else the registered model for the data's shape and classes."""
+        if factory is not None:
+            model = factory()
+            if not isinstance(model, nn.Module):
+                raise ConfigError(f"the model factory {self.exp.model} returned a {type(model).__name__}; "
+                                  f"expected a torch.nn.Module")
+            return model
+        if self.data.num_classes is None:
+            raise ConfigError(f"dataset {self.exp.dataset} does not say its classes (no num_classes or classes "
+                              f"attribute), so model {self.exp.model} cannot be built for it; pass your own model")
+        return build_model(self.exp.model, self.data.num_classes, self.data.in_shape, **self.exp.model_args)
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
-    def rank_part(self) -> dict:
-        """This rank's own part of a checkpoint: the policy's state, the epoch's running totals, its RNGs."""
-        return {"policy": self.policy.state_dict(self.model, self.optimizer),
-                "totals": vars(self.position.totals).copy(), "rng": rng_state()}
-
-    def checkpoint_state(self, parts: list[dict]) -> dict:
-        """Everything needed to continue exactly where training stands, with every rank's part."""
-        position = self.position
-        return {
-            "config": self.exp.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "amp": self.precision.state_dict(),
-            "sampler": {"epoch": position.epoch, "step": position.step, "seed": self.exp.seed,
-                        "batch_size": self.schedule.batch_size_at(position.epoch)},
-            "global_step": position.global_step,
-            "wall_s": position.wall_s + self.elapsed(),
-            "history": position.history,
-            "ranks": parts,
-        }
-
     def save(self) -> None:
+        """Checkpoints the run (collective): the session's state, the trainer's position and every rank's
+        running totals of the epoch."""
         if self.out is None:
             return
-        part = self.rank_part()
-        # Collective: every rank's part reaches rank 0, counted as bookkeeping.
-        parts = gather_objects(self.mesh.bookkeeping, part) if self.mesh.bookkeeping is not None else [part]
-        if self.rank == 0:
-            save_checkpoint(checkpoint_path(self.out), self.checkpoint_state(parts))
+        position = self.position
+        extra = {"config": self.exp.to_dict(),
+                 "sampler": {"epoch": position.epoch, "step": position.step, "seed": self.exp.seed,
+                             "batch_size": self.schedule.batch_size_at(position.epoch)},
+                 "wall_s": position.wall_s + self.elapsed(), "history": position.history}
+        self.session.global_step = position.global_step
+        self.session.save(checkpoint_path(self.out), extra, {"totals": vars(position.totals).copy()})
 
     def restore(self, state: dict) -> None:
         """Continues from a checkpoint written by `save`, at its world size or, for synchronous policies
         whose state is the same on every rank, at another one (the sampler re-shards each global batch)."""
+        self.session.restore(state)
         parts = state["ranks"]
-        same_world = len(parts) == self.mesh.world_size
-        if not same_world:
-            error = reshard_error(parts, self.exp.strategy, self.mesh.world_size)
-            if error is not None:
-                raise CheckpointError(error)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.precision.load_state_dict(state["amp"])
-        mine = parts[self.rank] if same_world else parts[0]
-        self.policy.load_state_dict(mine["policy"], self.model, self.optimizer)
-        if same_world:
-            totals = _EpochTotals(**mine["totals"])
+        if len(parts) == self.mesh.world_size:
+            totals = _EpochTotals(**parts[self.rank]["totals"])
         elif self.rank == 0:  # the epoch's running sums of all old ranks, kept by one new rank
-            totals = _EpochTotals(**{key: sum(p["totals"][key] for p in parts) for key in mine["totals"]})
-            totals.train_s = mine["totals"]["train_s"]
+            totals = _EpochTotals(**{key: sum(p["totals"][key] for p in parts) for key in parts[0]["totals"]})
+            totals.train_s = parts[0]["totals"]["train_s"]
         else:
             totals = _EpochTotals()
         sampler = state["sampler"]
         self.position = _Position(epoch=sampler["epoch"], step=sampler["step"], global_step=state["global_step"],
                                   wall_s=state["wall_s"], history=list(state["history"]), totals=totals)
-        set_rng_state(parts[min(self.rank, len(parts) - 1)]["rng"])
 
     # -- the loop ----------------------------------------------------------------------------------------
 
@@ -242,12 +221,11 @@ class Trainer:
             return self.finish()
         finally:
             self.reporter.close()
-            self.policy.close()
+            self.session.close()
 
     def sampler(self, epoch: int) -> ShardedBatchSampler:
         """This replica's shards: data is sharded by the mesh's dp coordinate."""
-        return ShardedBatchSampler(len(self.data.y_train), self.schedule.batch_size_at(epoch),
-                                   world_size=self.mesh.dp_size, rank=self.mesh.dp_rank, seed=self.exp.seed)
+        return self.session.sampler(self.data.num_train, self.schedule.batch_size_at(epoch))
 
     def train_epoch(self) -> None:
         position, epoch = self.position, self.position.epoch
@@ -255,10 +233,11 @@ class Trainer:
         steps = sampler.steps_per_epoch()
         self.policy.set_batch_size(sampler.global_batch_size)
         self.augmentation = self.draw_augmentation(epoch)
-        for indices in sampler.epoch(epoch, start_step=position.step):
-            started = time.perf_counter()
+        # Reading the data is part of the step's time (a DataLoader's workers prefetch while the step runs).
+        started = time.perf_counter()
+        for indices, x, y in self.data.train_batches(sampler, epoch, position.step):
             lr = self.schedule.lr_at(epoch, position.step, steps)
-            loss_sum = self.train_step(indices, sampler.global_batch_len(position.step), lr)
+            loss_sum = self.train_step(indices, x, y, sampler.global_batch_len(position.step), lr)
             position.totals.train_s += time.perf_counter() - started
             self.reporter.step(epoch, position.step, steps, loss_sum / max(1, len(indices)))
             position.step += 1
@@ -267,6 +246,7 @@ class Trainer:
                 self.save()
             if self.on_step is not None:
                 self.on_step(position.global_step)
+            started = time.perf_counter()
         if position.epoch == self.exp.epochs - 1:
             self.policy.finish(self.model)  # e.g. a last average: the final evaluation sees the final model
         self.end_epoch(lr, sampler.global_batch_size, steps)
@@ -275,36 +255,30 @@ class Trainer:
         exp = self.exp
         if not (exp.augment_shift or exp.augment_flip):
             return None
-        return draw_augmentation(len(self.data.y_train), exp.augment_shift, exp.augment_flip, exp.seed, epoch)
+        return draw_augmentation(self.data.num_train, exp.augment_shift, exp.augment_flip, exp.seed, epoch)
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (augmented) training samples and labels at `indices`, on this rank's device."""
-        x = self.data.x_train[indices]
-        if self.augmentation is not None:
-            x = augment_images(x, self.augmentation[indices], self.exp.augment_shift)
-        return x.to(self.device), self.data.y_train[indices].to(self.device)
-
-    def update(self) -> None:
-        """The run's local update: (fp16: unscale,) clip, the optimizer's step. Policies decide when."""
-        self.precision.step(self.optimizer, self.model.parameters(), self.exp.grad_clip)
-
-    def train_step(self, indices: torch.Tensor, global_batch: int, lr: float) -> float:
-        """The step schedule's forward/backward passes, then the update policy's step."""
+    def train_step(self, indices: torch.Tensor, x: torch.Tensor, y: torch.Tensor, global_batch: int,
+                   lr: float) -> float:
+        """The step schedule's forward/backward passes on this rank's samples (x, y) at `indices` (augmented
+        here), then the update policy's step."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        x, y = self.batch(indices)
+        if self.augmentation is not None:
+            x = augment_images(x, self.augmentation[indices], self.exp.augment_shift)
+        x, y = x.to(self.device), y.to(self.device)
         context = StepContext(global_batch, self.policy.before_backward, self.precision.autocast,
-                              self.precision.scale_loss)
+                              self.precision.scale_loss, self.task)
         output = self.step_schedule.run(self.model, x, y, self.exp.microbatches, context)
         if not math.isfinite(output.loss_sum):
             self.diverged(output.loss_sum)
-        self.policy.step(self.model, self.update, self.position.global_step)
+        self.session.global_step = self.position.global_step
+        self.session.step()
         quantize_parameters_(self.model, self.number_format, self.exp.rounding,
                              rounding_generator(self.exp.seed, self.position.global_step))
         totals = self.position.totals
         totals.loss_sum += output.loss_sum
-        totals.correct += output.correct
+        totals.metric_sum += output.metric_sum
         totals.samples += len(indices)
         return output.loss_sum
 
@@ -315,33 +289,30 @@ class Trainer:
         raise TrainingDiverged(f"loss is {loss} at step {position.global_step + 1} (epoch {position.epoch + 1}, "
                                f"step {position.step + 1} of the epoch); training stopped; {kept}")
 
-    def sum_over_replicas(self, values: list[float]) -> list[float]:
-        """Sums per-replica numbers (metrics) over the dp replicas, as bookkeeping traffic."""
-        summed = sum_over(self.mesh.bookkeeping, torch.tensor(values, dtype=torch.float64, device=self.device))
-        return summed.tolist()
-
     def evaluate(self) -> tuple[float, float]:
-        """Mean test loss and accuracy of the policy's consensus model; each replica evaluates its share."""
-        data, replicas, replica = self.data, self.mesh.dp_size, self.mesh.dp_rank
-        x, y = data.x_test.tensor_split(replicas)[replica], data.y_test.tensor_split(replicas)[replica]
-        with self.policy.evaluation_model(self.model) as model:
-            loss_sum, correct = evaluate(model, x, y, self.device)
-        loss_sum, correct = self.sum_over_replicas([loss_sum, float(correct)])
-        return loss_sum / len(data.y_test), correct / len(data.y_test)
+        """Mean test loss and the task's metric of the policy's consensus model; each replica evaluates its
+        contiguous share of the test split."""
+        num_test = self.data.num_test
+        share = torch.arange(num_test).tensor_split(self.mesh.dp_size)[self.mesh.dp_rank]
+        start, stop = (int(share[0]), int(share[-1]) + 1) if len(share) else (0, 0)
+        with self.session.evaluation_model() as model:
+            loss_sum, metric_sum = evaluate(model, self.data.test_batches(start, stop), self.task, self.device)
+        summed = self.session.sum({"loss": loss_sum, "metric": metric_sum})
+        return summed["loss"] / num_test, self.task.metric.value(summed["metric"], num_test)
 
     def end_epoch(self, lr: float, batch_size: int, steps: int) -> None:
         position, totals = self.position, self.position.totals
         # Training metrics of the whole global batch, not of this rank's shard; time is this rank's.
-        loss_sum, correct, samples = self.sum_over_replicas([totals.loss_sum, float(totals.correct),
-                                                             float(totals.samples)])
+        summed = self.session.sum({"loss": totals.loss_sum, "metric": totals.metric_sum, "samples": totals.samples})
+        samples, metric = summed["samples"], self.task.metric
         eval_started = time.perf_counter()
-        test_loss, test_accuracy = self.evaluate()
+        test_loss, test_metric = self.evaluate()
         row = {
             "epoch": position.epoch + 1,
-            "train_loss": loss_sum / max(1.0, samples),
-            "train_accuracy": correct / max(1.0, samples),
+            "train_loss": summed["loss"] / max(1.0, samples),
+            f"train_{metric.name}": metric.value(summed["metric"], samples),
             "test_loss": test_loss,
-            "test_accuracy": test_accuracy,
+            f"test_{metric.name}": test_metric,
             "lr": lr,
             "batch_size": batch_size,
             "steps": steps,
@@ -377,7 +348,7 @@ class Trainer:
 
     def finish(self) -> Result:
         result = Result.from_history(self.exp, self.position.history, comm=self.comm_section(self.position.global_step),
-                                     steps=self.position.global_step, data=self.data,
+                                     steps=self.position.global_step, data=self.data.describe(), task=self.task,
                                      environment=environment(self.exp.seed))
         if self.out is not None and self.rank == 0:
             buffer = io.BytesIO()
@@ -428,49 +399,86 @@ def _resume_state(exp: Experiment, resume: str | Path | None) -> dict | None:
     return state
 
 
-def _run(exp: Experiment, state: dict | None, reporter: Reporter, on_step, comm: Communicator | None) -> Result:
-    trainer = Trainer(exp, reporter, on_step, comm)
+def _run(exp: Experiment, state: dict | None, reporter: Reporter, on_step, comm: Communicator | None,
+         own: OwnObjects = OwnObjects()) -> Result:
+    trainer = Trainer(exp, reporter, on_step, comm, own)
     if state is not None:
         trainer.restore(state)
     return trainer.run()
 
 
-def _train_rank(comm: Communicator, exp: Experiment, resume: str | None, report: bool) -> Result | None:
+def _train_rank(comm: Communicator, exp: Experiment, resume: str | None, report: bool,
+                own: OwnObjects) -> Result | None:
     """One spawned rank of a multi-worker run; rank 0 returns the Result."""
     state = load_checkpoint(checkpoint_path(resume)) if resume is not None else None
     reporter = console_reporter(sys.stdout) if report and comm.rank == 0 else SilentReporter()
-    result = _run(exp, state, reporter, None, comm)
+    result = _run(exp, state, reporter, None, comm, own)
     return result if comm.rank == 0 else None
 
 
-def _train_ranks_sequence(comm: Communicator, experiments: list[Experiment], report: bool) -> list[Result] | None:
+def _train_ranks_sequence(comm: Communicator, experiments: list[Experiment], report: bool,
+                          own: OwnObjects) -> list[Result] | None:
     """Several runs, one after the other, on the same spawned ranks; rank 0 returns the Results."""
     results = []
     for exp in experiments:
         reporter = console_reporter(sys.stdout) if report and comm.rank == 0 else SilentReporter()
-        results.append(_run(exp, None, reporter, None, comm))
+        results.append(_run(exp, None, reporter, None, comm, own))
     return results if comm.rank == 0 else None
 
 
-def train_sequence(experiments: list[Experiment], *, report: bool = False) -> list[Result]:
+def _with_own(exp: Experiment, own: OwnObjects) -> Experiment:
+    """`exp` naming the user's own objects: the model factory's and the data's names, the task's."""
+    changes = {}
+    if own.model is not None:
+        if not callable(own.model):
+            raise ConfigError(f"model is a {type(own.model).__name__}; expected a registered name or a picklable "
+                              f"callable returning an nn.Module (a class, a module-level function, a partial)")
+        changes["model"] = _qualified_name(own.model)
+    if own.data is not None and exp.dataset == Experiment.dataset:  # the user's data, unless they named it
+        first = own.data[0] if isinstance(own.data, (tuple, list)) and own.data else own.data
+        changes["dataset"] = first.name if isinstance(getattr(first, "name", None), str) else type(first).__name__
+    if own.task is not None:
+        if not isinstance(own.task, Task):
+            raise ConfigError(f"task is a {type(own.task).__name__}; expected a polytrain.tasks.Task or a "
+                              f"registered name ({', '.join(TASKS.names())})")
+        changes["task"] = own.task.name
+    return exp.replace(**changes) if changes else exp
+
+
+def _qualified_name(factory: Callable) -> str:
+    inner = getattr(factory, "func", factory)  # functools.partial
+    return f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', type(inner).__name__)}"
+
+
+def train_sequence(experiments: list[Experiment], *, report: bool = False, model: Callable[[], nn.Module] | None = None,
+                   data=None, task: Task | str | None = None) -> list[Result]:
     """Trains several multi-worker experiments one after the other on one set of spawned workers.
 
     Saves the process start-up (importing torch in every rank) between runs, as the demo and the tests
-    need; each run's Result is the same as from `train`. All experiments need the same worker count.
+    need; each run's Result is the same as from `train` (with the same own `model`, `data` and `task`).
+    All experiments need the same worker count.
     """
-    resolved = [resolve(exp) for exp in experiments]
+    own = _own_objects(model, data, task)
+    resolved = [resolve(_with_own(exp, own), own=_owned(own)) for exp in experiments]
     workers = {exp.workers for exp in resolved}
     if len(workers) != 1 or workers == {1}:
         raise ConfigError(f"train_sequence needs one worker count above 1 for all runs; got {sorted(workers)}")
     for exp in resolved:
         _resume_state(exp, None)
-    return run_workers(_train_ranks_sequence, workers.pop(), (resolved, report), threads=resolved[0].threads,
+    return run_workers(_train_ranks_sequence, workers.pop(), (resolved, report, own), threads=resolved[0].threads,
                        backend=backend_for(resolved[0].device), timeout_s=max(exp.timeout_s for exp in resolved))[0]
 
 
-def backend_for(device: str) -> str:
-    """nccl for ranks on GPUs, gloo for CPU ranks."""
-    return "nccl" if device == "cuda" else "gloo"
+def _own_objects(model, data, task) -> OwnObjects:
+    if isinstance(task, str):
+        task = TASKS.get(task)
+    return OwnObjects(model=model, data=data, task=task)
+
+
+def _owned(own: OwnObjects) -> tuple[str, ...]:
+    """The settings the user's own objects stand in for: resolve does not look them up in the registries."""
+    return tuple(name for name, value in (("model", own.model), ("dataset", own.data), ("task", own.task))
+                 if value is not None)
 
 
 def _with_torchrun_world(exp: Experiment) -> Experiment:
@@ -482,7 +490,8 @@ def _with_torchrun_world(exp: Experiment) -> Experiment:
 
 
 def train(exp: Experiment, *, resume: str | Path | None = None, reporter: Reporter | None = None,
-          on_step: Callable[[int], None] | None = None) -> Result:
+          on_step: Callable[[int], None] | None = None, model: Callable[[], nn.Module] | None = None,
+          data=None, task: Task | str | None = None) -> Result:
     """Trains `exp` and returns its Result (rank 0's); writes the contract files when `exp.out` is set.
 
     With `workers` above 1, spawns that many local worker processes, or, when started by torchrun, runs
@@ -495,21 +504,27 @@ def train(exp: Experiment, *, resume: str | Path | None = None, reporter: Report
         reporter: progress output (default: none; spawned workers report on rank 0's console instead).
         on_step: called with the global step number after every optimizer step (and its checkpoint);
             single-process runs only.
+        model: the user's own model: a picklable callable returning an nn.Module (in place of exp.model).
+        data: the user's own data: a map-style torch Dataset (split by exp.test_fraction with exp.seed), a
+            (train, test) pair of them, or a polytrain.data.Dataset (in place of exp.dataset).
+        task: the loss and metric, a polytrain.tasks.Task or a registered task name (default: the
+            dataset's task; polytrain.tasks.task_of_loss(fn) makes one of a loss function).
     """
+    own = _own_objects(model, data, task)
     torchrun = under_torchrun()
-    exp = resolve(_with_torchrun_world(exp) if torchrun else exp)
+    exp = resolve(_with_own(_with_torchrun_world(exp) if torchrun else exp, own), own=_owned(own))
     state = _resume_state(exp, resume)
     if exp.workers > 1 and not torchrun:
         if on_step is not None:
             raise ConfigError("on_step callbacks need a single process; spawned workers cannot call back")
         resume_dir = str(resume) if resume is not None else None
-        results = run_workers(_train_rank, exp.workers, (exp, resume_dir, reporter is not None),
+        results = run_workers(_train_rank, exp.workers, (exp, resume_dir, reporter is not None, own),
                               threads=exp.threads, backend=backend_for(exp.device), timeout_s=exp.timeout_s)
         return results[0]
     comm = init_from_torchrun(exp.timeout_s, backend=backend_for(exp.device)) if torchrun else None
     if reporter is None or (comm is not None and comm.rank != 0):
         reporter = SilentReporter()  # one progress display per run: rank 0's
-    return _run(exp, state, reporter, on_step, comm)
+    return _run(exp, state, reporter, on_step, comm, own)
 
 
 __all__ = ["train", "train_sequence", "Trainer", "TrainingDiverged", "CheckpointError", "evaluate",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from polytrain.config import Experiment
-from polytrain.data import Dataset
+from polytrain.tasks import ACCURACY, Task
 
 
 @dataclass(frozen=True)
@@ -14,14 +14,19 @@ class Result:
 
     Rates exclude the first epoch (warm-up: allocation, caches) when there is more than one epoch; the
     first epoch's time is reported as `first_epoch_train_s`. `time_to_target_s` counts wall time from the
-    start, evaluation included.
+    start, evaluation included, until the task's test metric first reaches `target` (in its direction).
+    The accuracy fields are the metric's when the task is judged by accuracy, else None.
     """
 
     config: dict
     dataset: dict
-    final_test_accuracy: float
-    best_test_accuracy: float
-    target_accuracy: float | None
+    task: dict
+    metric: str
+    final_test_metric: float
+    best_test_metric: float
+    final_test_accuracy: float | None
+    best_test_accuracy: float | None
+    target: float | None
     time_to_target_s: float | None
     wall_s: float
     train_s: float
@@ -34,22 +39,28 @@ class Result:
     environment: dict
 
     @classmethod
-    def from_history(cls, exp: Experiment, history: list[dict], *, comm: dict, steps: int, data: Dataset,
+    def from_history(cls, exp: Experiment, history: list[dict], *, comm: dict, steps: int, data: dict, task: Task,
                      environment: dict) -> "Result":
-        """Summarises the per-epoch metrics of a finished run."""
+        """Summarises the per-epoch metrics of a finished run (`data`: RunData.describe())."""
         rated = history[1:] if len(history) > 1 else history
         rated_s = sum(row["train_s"] for row in rated)
         rated_samples = sum(row["samples"] for row in rated)
-        target = exp.target_accuracy
-        reached = [row["wall_s"] for row in history if target is not None and row["test_accuracy"] >= target]
+        metric, target = task.metric, exp.target
+        values = [row[f"test_{metric.name}"] for row in history]
+        reached = [row["wall_s"] for row, value in zip(history, values)
+                   if target is not None and metric.reached(value, target)]
+        best = max(values) if metric.higher_is_better else min(values)
+        is_accuracy = metric == ACCURACY
         return cls(
             config=exp.to_dict(),
-            dataset={"name": data.name, "synthetic": data.synthetic, "source": data.source,
-                     "num_train": len(data.y_train), "num_test": len(data.y_test),
-                     "in_shape": list(data.in_shape), "num_classes": data.num_classes},
-            final_test_accuracy=history[-1]["test_accuracy"],
-            best_test_accuracy=max(row["test_accuracy"] for row in history),
-            target_accuracy=target,
+            dataset=data,
+            task=task.describe(),
+            metric=metric.name,
+            final_test_metric=values[-1],
+            best_test_metric=best,
+            final_test_accuracy=values[-1] if is_accuracy else None,
+            best_test_accuracy=best if is_accuracy else None,
+            target=target,
             time_to_target_s=reached[0] if reached else None,
             wall_s=history[-1]["wall_s"],
             train_s=sum(row["train_s"] for row in history),

@@ -102,7 +102,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
 
 
 def test_out_dir_holds_the_contract_files(tmp_path):
-    result = train(FAST.replace(out=str(tmp_path), target_accuracy=0.5))
+    result = train(FAST.replace(out=str(tmp_path), target=0.5))
     data = json.loads((tmp_path / "result.json").read_text())
     for key in ("config", "final_test_accuracy", "best_test_accuracy", "time_to_target_s", "wall_s",
                 "samples_per_s", "epochs", "comm", "environment"):
@@ -128,7 +128,7 @@ def test_out_dir_holds_the_contract_files(tmp_path):
     (dict(model="rsnet20"), "unknown model 'rsnet20'; available: "),
     (dict(optimizer="adamm"), "unknown optimizer 'adamm'; available: adagrad, adam, adamw, momentum"),
     (dict(warmup_epochs=5), "warm-up of 5.0 epochs must be >= 0 and shorter than the 2 epochs"),
-    (dict(target_accuracy=97.0), r"target accuracy must be a fraction in \(0, 1\], got 97.0"),
+    (dict(target=97.0), r"target accuracy must be a fraction in \(0, 1\], got 97.0"),
     (dict(dataset="mnist1d", augment_shift=2), r"augmentation needs image samples \(C, H, W\); dataset mnist1d"),
 ])
 def test_bad_settings_explain_themselves(changes, message):
