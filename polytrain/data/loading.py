@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,12 +136,16 @@ class LoaderData(RunData):
             raise DataError(f"{name}[0] is a {type(first).__name__}; expected a (sample, target) pair")
         self.in_shape = tuple(torch.as_tensor(first[0]).shape)
         self.num_train, self.num_test = len(train), len(test)
-        self._loaders: dict[int, DataLoader] = {}
+        self._loaders: dict = {}  # built once: train loaders by global batch, test loaders by share
 
     def _options(self) -> dict[str, Any]:
         if self.workers == 0:
             return {}
-        return {"num_workers": self.workers, "persistent_workers": True, "worker_init_fn": _one_thread}
+        # Ranks started by `spawn` would spawn their readers too (seconds each: torch imported again); forked
+        # readers start at once and only read samples.
+        context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        return {"num_workers": self.workers, "persistent_workers": True, "worker_init_fn": _one_thread,
+                "multiprocessing_context": context}
 
     def train_batches(self, sampler, epoch, start_step):
         # One loader per batch size (a schedule may change it between epochs), built once.
@@ -156,8 +161,10 @@ class LoaderData(RunData):
     def test_batches(self, start, stop):
         if start >= stop:
             return
-        loader = DataLoader(Subset(self.test, range(start, stop)), batch_size=EVAL_BATCH,
-                            **{k: v for k, v in self._options().items() if k != "persistent_workers"})
+        loader = self._loaders.get((start, stop))  # a replica evaluates the same share every epoch
+        if loader is None:
+            loader = DataLoader(Subset(self.test, range(start, stop)), batch_size=EVAL_BATCH, **self._options())
+            self._loaders[(start, stop)] = loader
         yield from loader
 
 

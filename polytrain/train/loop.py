@@ -293,10 +293,10 @@ class Trainer:
         """Mean test loss and the task's metric of the policy's consensus model; each replica evaluates its
         contiguous share of the test split."""
         num_test = self.data.num_test
-        share = torch.arange(num_test).tensor_split(self.mesh.dp_size)[self.mesh.dp_rank]
-        start, stop = (int(share[0]), int(share[-1]) + 1) if len(share) else (0, 0)
+        share = self.session.share(num_test)
         with self.session.evaluation_model() as model:
-            loss_sum, metric_sum = evaluate(model, self.data.test_batches(start, stop), self.task, self.device)
+            loss_sum, metric_sum = evaluate(model, self.data.test_batches(share.start, share.stop), self.task,
+                                            self.device)
         summed = self.session.sum({"loss": loss_sum, "metric": metric_sum})
         return summed["loss"] / num_test, self.task.metric.value(summed["metric"], num_test)
 
@@ -430,7 +430,7 @@ def _with_own(exp: Experiment, own: OwnObjects) -> Experiment:
     """`exp` naming the user's own objects: the model factory's and the data's names, the task's."""
     changes = {}
     if own.model is not None:
-        if not callable(own.model):
+        if isinstance(own.model, nn.Module) or not callable(own.model):
             raise ConfigError(f"model is a {type(own.model).__name__}; expected a registered name or a picklable "
                               f"callable returning an nn.Module (a class, a module-level function, a partial)")
         changes["model"] = _qualified_name(own.model)

@@ -149,6 +149,14 @@ class Session:
         return ShardedBatchSampler(num_samples, batch_size, world_size=self.replicas, rank=self.mesh.dp_rank,
                                    seed=self.seed, shuffle=shuffle, drop_last=drop_last)
 
+    def share(self, num_samples: int) -> range:
+        """This replica's contiguous share of `num_samples` samples (e.g. of a test split to evaluate); the
+        shares of the replicas differ in size by at most one and together cover every sample once."""
+        size, extra = divmod(num_samples, self.replicas)
+        rank = self.mesh.dp_rank
+        start = rank * size + min(rank, extra)
+        return range(start, start + size + (rank < extra))
+
     def loader(self, dataset: TorchDataset, batch_size: int, *, epoch: int = 0, start_step: int = 0,
                shuffle: bool = True, drop_last: bool = False, **dataloader_args: Any) -> Iterator[Any]:
         """Yields this replica's batches of `epoch` (global batch `batch_size`), on this rank's device.
