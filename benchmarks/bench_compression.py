@@ -136,7 +136,7 @@ def train_to_target(trainer: Trainer) -> Result:
     try:
         while trainer.position.epoch < trainer.exp.epochs:
             trainer.train_epoch()
-            if trainer.position.history[-1]["test_accuracy"] >= trainer.exp.target_accuracy:
+            if trainer.position.history[-1]["test_accuracy"] >= trainer.exp.target:
                 break  # the accuracy is summed over the ranks: every rank stops after the same epoch
         return trainer.finish()
     finally:
@@ -167,7 +167,7 @@ def run_record(model: str, spec: str, seed: int, epochs: int, result: Result | N
         final_test_accuracy=result.final_test_accuracy, best_test_accuracy=result.best_test_accuracy,
         test_accuracy=[row["test_accuracy"] for row in result.epochs],
         epoch_train_s=[row["train_s"] for row in result.epochs], wall_s=result.wall_s,
-        target_accuracy=result.target_accuracy, time_to_target_s=result.time_to_target_s,
+        target_accuracy=result.target, time_to_target_s=result.time_to_target_s,
         samples_per_s=result.samples_per_s, steps=result.steps,
         bytes_sent_per_step=result.comm["bytes_sent_per_step"],
         bytes_sent_per_step_mean=sum(per_rank) / len(per_rank), bytes_estimated=result.comm["estimated"],
@@ -332,7 +332,7 @@ def main_cluster_run(args: argparse.Namespace) -> None:
     if comm.world_size != WORKERS:
         print(f"note: {comm.world_size} hosts; the benchmark's runs are meant for {WORKERS}", file=sys.stderr)
     for model, spec, out in runs:
-        exp = experiment(model, spec, args.seed, epochs[model], target_accuracy=targets[model],
+        exp = experiment(model, spec, args.seed, epochs[model], target=targets[model],
                          timeout_s=args.timeout).replace(workers=comm.world_size)
         result, diverged, _ = run_once(comm, exp, stop_at_target=not args.full)
         if comm.rank != 0:

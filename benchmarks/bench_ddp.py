@@ -63,7 +63,7 @@ def polytrain_run(comm: Communicator, exp: Experiment) -> dict:
     """One polytrain run on this rank: per-epoch training seconds, final test accuracy and weights."""
     trainer = Trainer(exp, SilentReporter(), None, comm)
     result = trainer.run()
-    return {"epoch_train_s": [row["train_s"] for row in result.epochs], "num_train": len(trainer.data.y_train),
+    return {"epoch_train_s": [row["train_s"] for row in result.epochs], "num_train": trainer.data.num_train,
             "test_accuracy": result.final_test_accuracy, "state": trainer.model.state_dict()}
 
 

@@ -112,7 +112,7 @@ def summary(result: dict) -> dict:
         "test_accuracy": [row["test_accuracy"] for row in result["epochs"]],
         "epoch_wall_s": [row["wall_s"] for row in result["epochs"]],
         "epoch_train_s": [row["train_s"] for row in result["epochs"]],
-        "target_accuracy": result["target_accuracy"], "time_to_target_s": result["time_to_target_s"],
+        "target_accuracy": result["target"], "time_to_target_s": result["time_to_target_s"],
         "wall_s": result["wall_s"], "steps": result["steps"],
         "bytes_sent_per_step": result["comm"]["bytes_sent_per_step"],
         "bytes_sent_per_step_mean": sum(per_rank) / len(per_rank),

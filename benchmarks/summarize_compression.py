@@ -65,7 +65,7 @@ def collect(directory: Path) -> list[dict]:
             "kind": "cluster", "bandwidth": bandwidth, "model": model, "compressor": spec_of(result["config"]),
             "hosts": result["config"]["workers"], "seed": result["config"]["seed"],
             "epochs_planned": result["config"]["epochs"], "epochs_run": len(result["epochs"]),
-            "target_accuracy": result["target_accuracy"], "time_to_target_s": result["time_to_target_s"],
+            "target_accuracy": result["target"], "time_to_target_s": result["time_to_target_s"],
             "final_test_accuracy": result["final_test_accuracy"], "best_test_accuracy": result["best_test_accuracy"],
             "test_accuracy": [row["test_accuracy"] for row in result["epochs"]],
             "epoch_wall_s": [row["wall_s"] for row in result["epochs"]],

@@ -1,0 +1,99 @@
+"""The loop-level API in one process: a hand-written loop on a Session equals polytrain's Trainer, checkpoints
+resume bit for bit, misuse is a one-line error. Several processes: tests/train/test_own_loop_example.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+import polytrain
+from polytrain.config import ConfigError, Experiment
+from polytrain.data import load_dataset
+from polytrain.models import build_model
+from polytrain.train.loop import Trainer
+from polytrain.train.defaults import resolve
+from polytrain.train.progress import SilentReporter
+
+SETTINGS = dict(model="lenet5", dataset="digits", epochs=2, batch_size=32, optimizer="momentum", lr=0.02,
+                weight_decay=0.0, schedule="constant", augment_shift=0, augment_flip=False)
+
+
+def own_loop(session: polytrain.Session, epochs: range, model=None, optimizer=None):
+    """The loop a user writes: the digits split, lenet5, SGD with momentum, plain cross-entropy."""
+    data = load_dataset("digits", seed=0)
+    if model is None:
+        torch.manual_seed(0)
+        model = build_model("lenet5", 10, data.in_shape)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+        model, optimizer = session.setup(model, optimizer)
+    train_set = TensorDataset(data.x_train, data.y_train)
+    for epoch in epochs:
+        for x, y in session.loader(train_set, batch_size=32, epoch=epoch):
+            optimizer.zero_grad()
+            session.backward(F.cross_entropy(model(x), y))
+            session.step()
+    return model, optimizer
+
+
+def test_an_own_loop_on_a_session_equals_the_trainer():
+    trainer = Trainer(resolve(Experiment(**SETTINGS)), SilentReporter(), None)
+    trainer.run()
+    model, _ = own_loop(polytrain.setup(), range(2))
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_session_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path):
+    whole, _ = own_loop(polytrain.setup(), range(2))
+    first = polytrain.setup()
+    own_loop(first, range(1))
+    first.save(tmp_path / "run.pt", {"epoch": 1})
+    assert not list(tmp_path.glob("*.tmp*"))  # written atomically
+    resumed = polytrain.setup()
+    torch.manual_seed(123)  # other initial weights: the checkpoint must replace them
+    data = load_dataset("digits", seed=0)
+    model = build_model("lenet5", 10, data.in_shape)
+    model, optimizer = resumed.setup(model, torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9))
+    assert resumed.load(tmp_path / "run.pt")["epoch"] == 1 and resumed.global_step == first.global_step
+    own_loop(resumed, range(1, 2), model, optimizer)
+    assert all(torch.equal(whole.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_metrics_sum_and_shares_in_one_process():
+    session = polytrain.setup()
+    assert session.sum({"correct": 3, "samples": 4.0}) == {"correct": 3.0, "samples": 4.0}
+    assert session.share(10) == range(0, 10) and session.world_size == 1 and session.strategy == "local"
+
+
+def test_misuse_is_a_one_line_error():
+    session = polytrain.setup()
+    with pytest.raises(RuntimeError, match="call session.setup"):
+        session.step()
+    model = torch.nn.Linear(2, 2)
+    session.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="called twice"):
+        session.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="strategy allreduce needs at least 2"):
+        polytrain.setup(strategy="allreduce").setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ConfigError, match="unknown amp 'fp8'"):
+        polytrain.setup(amp="fp8")
+    with pytest.raises(ConfigError, match="needs a strategy that sums gradients"):
+        polytrain.setup(compressor="fp16").setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_error_feedback_moves_a_user_optimizers_momentum_in_front_of_the_compressor():
+    from polytrain.train.compression import compress_for
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    compressor, notice = compress_for("topk", {"ratio": 0.5, "ef": True}, optimizer, rank=0)
+    assert compressor.name.startswith("momentum_correction") and "momentum correction" in notice
+    assert optimizer.param_groups[0]["momentum"] == 0.0
+    adam = torch.optim.Adam(model.parameters())
+    compressor, notice = compress_for("topk", {"ratio": 0.5, "ef": True}, adam, rank=0)
+    assert notice is None and adam.param_groups[0]["betas"] == (0.9, 0.999)
+    with pytest.raises(ConfigError, match="needs torch.optim.SGD; got Adam"):
+        compress_for("dgc", {}, adam, rank=0)
+
