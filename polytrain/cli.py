@@ -17,8 +17,10 @@ from polytrain.config import Experiment, apply_overrides, load_toml, parse_assig
 from polytrain.data import DATASETS
 from polytrain.launch import WorkerFailed
 from polytrain.launch.cluster import DEFAULT_RUN_TIMEOUT_S, ClusterError, EmulatedCluster, HostFailed
+from polytrain.launch.script import add_run_parser, command_run
 from polytrain.models import MODELS
 from polytrain.ops.conv import CONV_ALGORITHMS
+from polytrain.plugins import load_plugins
 from polytrain.schedules import STEP_SCHEDULES
 from polytrain.strategies import STRATEGIES
 from polytrain.tasks import TASKS
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cost_flags(commands.add_parser("cost", help="parameters, arithmetic, memory, work and depth of a model"))
     _add_cluster_flags(commands.add_parser("cluster", help="run a command on emulated hosts with limited "
                                                            "bandwidth (network namespaces; root)"))
+    add_run_parser(commands)
     return parser
 
 
@@ -237,13 +240,14 @@ def command_cluster(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": command_train, "list": command_list, "demo": command_demo, "bench": command_bench,
-            "cost": command_cost, "cluster": command_cluster}
+            "cost": command_cost, "cluster": command_cluster, "run": command_run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `polytrain` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        load_plugins()  # third-party models, datasets, ... by name
         return COMMANDS[args.command](args)
     except ValueError as error:
         if args.debug:

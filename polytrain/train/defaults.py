@@ -17,6 +17,7 @@ from polytrain.config import ConfigError, Experiment
 from polytrain.data import DATASETS
 from polytrain.models import MODELS
 from polytrain.ops.precision import ROUNDING_MODES, parse_format
+from polytrain.plugins import load_plugins
 from polytrain.schedules import STEP_SCHEDULES
 from polytrain.strategies import STRATEGIES, policy_args
 from polytrain.tasks import ACCURACY, TASKS
@@ -80,6 +81,7 @@ def resolve(exp: Experiment, *, own: tuple[str, ...] = ()) -> Experiment:
         own: the settings ("model", "dataset", "task") a user's own objects stand in for: their names are
             not looked up in the registries.
     """
+    load_plugins()  # names registered by other packages
     model = exp.model or DEFAULT_MODEL.get(exp.dataset, "mlp")
     filled = {**_DATASET_DEFAULTS.get(exp.dataset, _DATASET_DEFAULTS["synthetic"]),
               **_MODEL_DEFAULTS.get(model, {}), **_PAIR_DEFAULTS.get((model, exp.dataset), {})}

@@ -24,6 +24,7 @@ from polytrain.data.sampler import ShardedBatchSampler
 from polytrain.launch import init_from_torchrun, run_workers, under_torchrun
 from polytrain.models import build_model
 from polytrain.ops.precision import parse_format, quantize_parameters_, rounding_generator
+from polytrain.plugins import load_plugins
 from polytrain.schedules import STEP_SCHEDULES, StepContext
 from polytrain.tasks import TASKS, Task
 from polytrain.train.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, reshard_error
@@ -131,6 +132,7 @@ class Trainer:
 
     def __init__(self, exp: Experiment, reporter: Reporter, on_step: Callable[[int], None] | None,
                  comm: Communicator | None = None, own: OwnObjects = OwnObjects()) -> None:
+        load_plugins()  # a spawned rank registers the plugins' names again
         self.exp = exp
         self.reporter = reporter
         self.on_step = on_step
