@@ -72,7 +72,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
 
     import torch
 
-    argv = ["train", "--dataset", "mnist5k", "--epochs", "4", "--set", "threads=1", "--set",
+    argv = ["train", "--dataset", "digits", "--model", "lenet5", "--epochs", "3", "--set", "threads=1", "--set",
             "checkpoint_steps=5"]
     assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
     killed = tmp_path / "killed"

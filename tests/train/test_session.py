@@ -97,3 +97,45 @@ def test_error_feedback_moves_a_user_optimizers_momentum_in_front_of_the_compres
     with pytest.raises(ConfigError, match="needs torch.optim.SGD; got Adam"):
         compress_for("dgc", {}, adam, rank=0)
 
+
+
+STRATEGIES_IN_AN_OWN_LOOP = [
+    ("allreduce", {"algorithm": "ring"}, None, {}),
+    ("allreduce", {"algorithm": "butterfly", "bucket_mb": 0.01}, None, {}),
+    ("local_sgd", {"period": 1}, None, {}),
+    ("diloco", {"period": 2, "outer_lr": 1.0, "outer_momentum": 0.0, "nesterov": False}, None, {}),
+    ("local_sgd", {"period": 2}, None, {}),
+    ("allreduce", {}, "topk", {"ratio": 0.05, "ef": True}),
+]
+
+
+def own_loops_on_ranks(comm):
+    """Rank's side: the same hand-written loop under each policy; rank 0 returns weights and counted bytes."""
+    from polytrain.train.session import Session
+
+    outcomes = []
+    for strategy, args, compressor, compressor_args in STRATEGIES_IN_AN_OWN_LOOP:
+        session = Session(comm, strategy=strategy, strategy_args=args, compressor=compressor,
+                          compressor_args=compressor_args)
+        model, _ = own_loop(session, range(1))
+        session.finish()
+        stats = session.comm_stats()
+        session.close()
+        outcomes.append(({k: v.clone() for k, v in model.state_dict().items()}, stats["bytes_sent"]))
+    return outcomes if comm.rank == 0 else None
+
+
+def test_every_update_policy_runs_unchanged_in_an_own_loop():
+    from polytrain.launch import run_workers
+
+    single, _ = own_loop(polytrain.setup(), range(1))
+    outcomes = run_workers(own_loops_on_ranks, 2, threads=1, timeout_s=60)[0]
+    weights = {i: state for i, (state, _) in enumerate(outcomes)}
+    sent = [bytes_sent for _, bytes_sent in outcomes]
+    for i in (0, 1, 2):  # allreduce with two algorithms, and local SGD with H = 1: one worker's weights
+        for name, value in single.state_dict().items():
+            torch.testing.assert_close(weights[i][name], value, atol=1e-5, rtol=1e-4)
+    for name, value in weights[4].items():  # DiLoCo with outer SGD lr 1 is local SGD with H = 2
+        torch.testing.assert_close(weights[3][name], value, atol=1e-5, rtol=1e-4)
+    assert sent[4] < 0.6 * sent[2]  # averaging every second step sends half as much
+    assert sent[5] < 0.5 * sent[0]  # top-k 5 % with error feedback sends far less than dense
