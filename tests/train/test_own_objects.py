@@ -91,6 +91,19 @@ def test_a_streamed_dataset_gives_the_weights_of_the_in_memory_one(tmp_path):
     a = torch.load(tmp_path / "memory" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "streamed" / "model.pt", weights_only=True)
     assert all(torch.equal(a[name], b[name]) for name in a)
+    # Cut mid-epoch (step 30 of 45) after a checkpoint, then resumed: the loader starts at the saved step.
+    cut = Experiment(dataset="arrays", dataset_args={"path": str(folder)}, loader_workers=2, checkpoint_steps=10,
+                     out=str(tmp_path / "cut"), **settings)
+
+    def stop(global_step: int) -> None:
+        if global_step == 30:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        polytrain.train(cut, on_step=stop)
+    polytrain.train(cut, resume=tmp_path / "cut")
+    c = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[name], c[name]) for name in a)
 
 
 def test_a_loss_alone_is_its_own_metric():
