@@ -329,14 +329,14 @@ class EmulatedCluster:
                     processes.append(self._start(host, argv, env, logs[host]))
                 failure = _wait(processes, timeout_s)
             finally:
-                _stop(processes)
+                stop_process_groups(processes)
             if failure is not None:
                 raise HostFailed(failure, {host: _read(log) for host, log in enumerate(logs) if log is not None})
 
     def _start(self, host: int, argv: list[str], env: Mapping[str, str] | None,
                log: IO[bytes] | None) -> subprocess.Popen:
         # A session of its own keeps the terminal's Ctrl-C from reaching the hosts directly, and lets
-        # _stop signal the command's children as well.
+        # stop_process_groups signal the command's children as well.
         return subprocess.Popen(["ip", "netns", "exec", self.host_namespace(host), *argv],
                                 env=self.host_environment(host, env), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT if log is not None else None,
@@ -360,25 +360,27 @@ def _wait(processes: list[subprocess.Popen], timeout_s: float) -> str | None:
         time.sleep(POLL_S)
 
 
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
+def signal_group(process: subprocess.Popen, signum: int) -> None:
+    """Sends `signum` to the process group of `process` (started with start_new_session), if it still exists."""
     try:
         os.killpg(process.pid, signum)
     except ProcessLookupError:
         pass
 
 
-def _stop(processes: list[subprocess.Popen]) -> None:
-    """Sends SIGTERM to each running host's process group; kills those still running STOP_GRACE_S later."""
+def stop_process_groups(processes: list[subprocess.Popen], signum: int = signal.SIGTERM,
+                        grace_s: float = STOP_GRACE_S) -> None:
+    """Sends `signum` to each running process's group; kills those still running `grace_s` later."""
     running = [process for process in processes if process.poll() is None]
     for process in running:
-        _signal_group(process, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
+        signal_group(process, signum)
+    deadline = time.monotonic() + grace_s
     for process in running:
         try:
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _signal_group(process, signal.SIGKILL)
-            process.wait(timeout=STOP_GRACE_S)
+            signal_group(process, signal.SIGKILL)
+            process.wait(timeout=grace_s)
 
 
 def _read(log: IO[bytes]) -> str:

@@ -38,6 +38,7 @@ from polytrain.launch.cluster import (
     EmulatedCluster,
     HostFailed,
     parse_bandwidth,
+    stop_process_groups,
 )
 from polytrain.launch.local import exit_reason
 
@@ -191,7 +192,7 @@ def run_script(script: str | os.PathLike, script_args: Sequence[str], workers: i
             status, message = 128 + stopped.signum, f"stopped by {stopped}; every rank was stopped"
         finally:
             _set_handlers(signal.SIG_IGN)  # a second Ctrl-C must not cut the stopping short
-            _stop(processes, stop_signal)
+            stop_process_groups(processes, stop_signal, STOP_GRACE_S)
     finally:
         _restore_handlers(previous)
         del store
@@ -227,27 +228,6 @@ def _wait(processes: list[subprocess.Popen], timeout_s: float) -> tuple[int, str
             return _status(code), f"rank {rank} of {workers} {exit_reason(code)}{others}"
         finished.add(rank)
     return 0, None
-
-
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
-    try:
-        os.killpg(process.pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _stop(processes: list[subprocess.Popen], signum: int = signal.SIGTERM) -> None:
-    """Sends `signum` to each running rank's process group; kills those still running STOP_GRACE_S later."""
-    running = [process for process in processes if process.poll() is None]
-    for process in running:
-        _signal_group(process, signum)
-    deadline = time.monotonic() + STOP_GRACE_S
-    for process in running:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _signal_group(process, signal.SIGKILL)
-            process.wait(timeout=STOP_GRACE_S)
 
 
 # -- the emulated cluster ----------------------------------------------------------------------------------
