@@ -57,4 +57,4 @@ def load_dataset(name: str, *, seed: int = 0, test_fraction: float = 0.2, **kwar
 
 
 # Imported last: each module registers its loaders in DATASETS, which must exist by then.
-from polytrain.data import bundled, cifar, imagefolder, loading, mnist_idx, synthetic  # noqa: E402, F401
+from polytrain.data import bundled, cifar, imagefolder, loading, mnist_idx, regression, synthetic, text  # noqa: E402, F401

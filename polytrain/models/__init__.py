@@ -29,5 +29,6 @@ from polytrain.models import (  # noqa: E402,F401
     recurrent,
     resnet,
     squeezenet,
+    transformer,
     vgg,
 )

@@ -39,8 +39,11 @@ class SilentReporter:
 
 
 def _epoch_line(row: dict) -> str:
+    # The task's test metric is the row's one test_* key besides the loss.
+    name = next(key[len("test_"):] for key in row if key.startswith("test_") and key != "test_loss")
+    shown = f"acc {100 * row['test_accuracy']:6.2f}%" if name == "accuracy" else f"{name} {row['test_' + name]:.4g}"
     return (f"epoch {row['epoch']:>3}  loss {row['train_loss']:.4f} (test {row['test_loss']:.4f})  "
-            f"test acc {100 * row['test_accuracy']:6.2f}%  {row['samples_per_s']:6.0f} samples/s  {row['wall_s']:6.1f} s")
+            f"test {shown}  {row['samples_per_s']:6.0f} samples/s  {row['wall_s']:6.1f} s")
 
 
 class PlainReporter(SilentReporter):
