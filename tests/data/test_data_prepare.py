@@ -16,12 +16,14 @@ FILE_DATASETS = {
     "cifar10": "the cifar-10-batches-py folder",
     "cifar100": "the cifar-100-python folder",
     "imagefolder": "a folder with one sub-folder of images per class",
+    "arrays": "a folder with x_train.npy, y_train.npy, x_test.npy and y_test.npy",
 }
 
 
 def test_every_dataset_is_registered():
     assert DATASETS.names() == [
-        "cifar10", "cifar100", "digits", "imagefolder", "mnist", "mnist1d", "mnist5k", "synthetic"
+        "arrays", "cifar10", "cifar100", "diabetes", "digits", "imagefolder", "mnist", "mnist1d", "mnist5k",
+        "pydoc", "synthetic",
     ]
 
 
