@@ -230,7 +230,8 @@ class Session:
 
     def save(self, path: str | Path, extra: Mapping[str, Any] | None = None,
              rank_extra: Mapping[str, Any] | None = None) -> None:
-        """Writes the whole distributed state to `path` atomically (collective: every rank calls it).
+        """Writes the whole distributed state to `path` atomically (collective: every rank calls it, and
+        returns once the file is complete, so any rank may load it at once).
 
         The file holds the model, optimizer, loss scaler, step count, `extra` (rank 0's) and every rank's
         part: its policy state, RNG states and `rank_extra`, gathered to rank 0 as bookkeeping traffic.
@@ -245,6 +246,8 @@ class Session:
                      "amp": self.precision.state_dict(), "global_step": self.global_step, "strategy": self.strategy,
                      "ranks": parts, **(extra or {})}
             save_checkpoint(path, state)
+        if self.mesh.bookkeeping is not None:
+            self.mesh.bookkeeping.barrier()
 
     def load(self, path: str | Path) -> dict:
         """Restores what `save` wrote (every rank reads `path`) and returns the whole checkpoint."""
