@@ -38,6 +38,9 @@ class UpdatePolicy(Protocol):
         Args: frozen dataclass of the policy's arguments (validated in __post_init__).
         parallel: runs with more than one replica.
         compresses: takes a gradient compressor (--compressor).
+
+    An `Args` may define `check_replicas(p)`, raising ValueError for arguments that do not fit p
+    data-parallel replicas; it runs with the rest of the validation, before any worker starts.
     """
 
     Args: type
@@ -63,6 +66,9 @@ class UpdatePolicy(Protocol):
 
     def evaluation_model(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
         """The model to evaluate (the replicas' consensus), for the duration of the context."""
+
+    def epoch_metrics(self, model: nn.Module) -> dict:
+        """Numbers for the epoch's row of metrics.jsonl, taken after its last step (collective)."""
 
     def report(self) -> dict:
         """What result.json's `comm` section says about this policy beyond the counts."""
@@ -98,6 +104,9 @@ class PolicyBase:
     @contextlib.contextmanager
     def evaluation_model(self, model: nn.Module) -> Iterator[nn.Module]:
         yield model
+
+    def epoch_metrics(self, model: nn.Module) -> dict:
+        return {}
 
     def report(self) -> dict:
         return {}
@@ -150,6 +159,6 @@ class Local(PolicyBase):
         update()
 
 
-from polytrain.strategies import allreduce, local_sgd  # noqa: E402,F401  (registers the parallel policies)
+from polytrain.strategies import allreduce, easgd, gossip, local_sgd  # noqa: E402,F401  (registers the parallel policies)
 
 __all__ = ["STRATEGIES", "UpdatePolicy", "PolicyBase", "Update", "policy_args", "build_policy", "Local"]

@@ -40,7 +40,7 @@ from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
 from polytrain.comm.mesh import Mesh
 from polytrain.strategies import STRATEGIES, Update
 from polytrain.strategies.allreduce import AllReduce, AllReduceArgs
-from polytrain.strategies.averaging import average_into
+from polytrain.strategies.averaging import average_into, consensus_distance, local_gradients, replaced_by_mean
 
 
 def _check_whole(name: str, value: object, minimum: int) -> None:
@@ -182,10 +182,7 @@ class ModelAveraging:
             if self.outer is not None:
                 self.outer.follow(model)
             return
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(self.comm.world_size)  # the shard's mean (see the module docstring)
+        local_gradients(model, self.comm.world_size)
         update()
         self.since_average += 1
         if self.since_average == self.args.period:
@@ -211,13 +208,11 @@ class ModelAveraging:
         if self.since_average == 0:
             yield model
             return
-        own = [t.clone() for t in self.averaged]
-        average_into(self.averaged, self.bookkeeping)
-        try:
+        with replaced_by_mean(self.averaged, self.bookkeeping):
             yield model
-        finally:
-            for tensor, saved in zip(self.averaged, own):
-                tensor.copy_(saved)
+
+    def epoch_metrics(self, model: nn.Module) -> dict:
+        return {"consensus_distance": consensus_distance(list(model.parameters()), self.bookkeeping)}
 
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Between averages every replica's model and optimizer state differ, so both are this rank's part;

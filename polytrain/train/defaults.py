@@ -150,7 +150,7 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
                                 ("optimizer", OPTIMIZERS, exp.optimizer), ("schedule", SCHEDULES, exp.schedule)):
         if key not in own:
             registry.get(name)
-    policy_args(exp.strategy, exp.strategy_args)
+    strategy_args = policy_args(exp.strategy, exp.strategy_args)
     shape = MeshShape.from_sizes(exp.mesh)
     shape.check_workers(exp.workers)
     _check_mesh_schedule(shape, exp.step_schedule)
@@ -167,6 +167,8 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
            f"(strategies: {', '.join(STRATEGIES.names())})")
     _check(replicas > 1 or not parallel,
            f"strategy {exp.strategy} needs at least 2 data-parallel replicas; mesh {shape.describe()} has 1")
+    if hasattr(strategy_args, "check_replicas"):
+        strategy_args.check_replicas(replicas)
     _check(exp.amp in AMP_MODES, f"unknown amp '{exp.amp}'; expected {', '.join(AMP_MODES)}")
     if exp.compressor is not None:
         _check(STRATEGIES.get(exp.strategy).compresses,

@@ -249,9 +249,10 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(position.global_step)
             started = time.perf_counter()
+        policy_metrics = self.policy.epoch_metrics(self.model)  # the replicas as trained, before a last average
         if position.epoch == self.exp.epochs - 1:
             self.policy.finish(self.model)  # e.g. a last average: the final evaluation sees the final model
-        self.end_epoch(lr, sampler.global_batch_size, steps)
+        self.end_epoch(lr, sampler.global_batch_size, steps, policy_metrics)
 
     def draw_augmentation(self, epoch: int) -> torch.Tensor | None:
         exp = self.exp
@@ -302,7 +303,7 @@ class Trainer:
         summed = self.session.sum({"loss": loss_sum, "metric": metric_sum})
         return summed["loss"] / num_test, self.task.metric.value(summed["metric"], num_test)
 
-    def end_epoch(self, lr: float, batch_size: int, steps: int) -> None:
+    def end_epoch(self, lr: float, batch_size: int, steps: int, policy_metrics: dict) -> None:
         position, totals = self.position, self.position.totals
         # Training metrics of the whole global batch, not of this rank's shard; time is this rank's.
         summed = self.session.sum({"loss": totals.loss_sum, "metric": totals.metric_sum, "samples": totals.samples})
@@ -323,6 +324,7 @@ class Trainer:
             "eval_s": time.perf_counter() - eval_started,
             "samples_per_s": samples / totals.train_s if totals.train_s > 0 else 0.0,
             "wall_s": position.wall_s + self.elapsed(),
+            **policy_metrics,
         }
         position.history.append(row)
         position.epoch, position.step, position.totals = position.epoch + 1, 0, _EpochTotals()

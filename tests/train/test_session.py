@@ -106,11 +106,15 @@ STRATEGIES_IN_AN_OWN_LOOP = [
     ("diloco", {"period": 2, "outer_lr": 1.0, "outer_momentum": 0.0, "nesterov": False}, None, {}),
     ("local_sgd", {"period": 2}, None, {}),
     ("allreduce", {}, "topk", {"ratio": 0.05, "ef": True}),
+    ("gossip", {"topology": "complete"}, None, {}),
+    ("easgd", {"alpha": 0.0, "tau": 1}, None, {}),
+    ("local_sgd", {"period": 10**9}, None, {}),
 ]
 
 
 def own_loops_on_ranks(comm):
-    """Rank's side: the same hand-written loop under each policy; rank 0 returns weights and counted bytes."""
+    """Rank's side: the same hand-written loop under each policy; rank 0 returns its weights after the last
+    step and after `finish`, and the counted bytes."""
     from polytrain.train.session import Session
 
     outcomes = []
@@ -118,10 +122,11 @@ def own_loops_on_ranks(comm):
         session = Session(comm, strategy=strategy, strategy_args=args, compressor=compressor,
                           compressor_args=compressor_args)
         model, _ = own_loop(session, range(1))
+        trained = {k: v.clone() for k, v in model.state_dict().items()}
         session.finish()
         stats = session.comm_stats()
         session.close()
-        outcomes.append(({k: v.clone() for k, v in model.state_dict().items()}, stats["bytes_sent"]))
+        outcomes.append(({k: v.clone() for k, v in model.state_dict().items()}, stats["bytes_sent"], trained))
     return outcomes if comm.rank == 0 else None
 
 
@@ -130,12 +135,49 @@ def test_every_update_policy_runs_unchanged_in_an_own_loop():
 
     single, _ = own_loop(polytrain.setup(), range(1))
     outcomes = run_workers(own_loops_on_ranks, 2, threads=1, timeout_s=60)[0]
-    weights = {i: state for i, (state, _) in enumerate(outcomes)}
-    sent = [bytes_sent for _, bytes_sent in outcomes]
-    for i in (0, 1, 2):  # allreduce with two algorithms, and local SGD with H = 1: one worker's weights
+    weights = {i: state for i, (state, _, _) in enumerate(outcomes)}
+    sent = [bytes_sent for _, bytes_sent, _ in outcomes]
+    for i in (0, 1, 2, 6):  # allreduce with two algorithms, local SGD with H = 1, gossip on the complete graph
         for name, value in single.state_dict().items():
             torch.testing.assert_close(weights[i][name], value, atol=1e-5, rtol=1e-4)
+    # EASGD with alpha = 0 is independent workers: the replicas local SGD trains before its only average.
+    independent, never_averaged = outcomes[7][2], outcomes[8][2]
+    assert all(torch.equal(independent[name], value) for name, value in never_averaged.items())
+    assert not all(torch.equal(independent[name], value) for name, value in single.state_dict().items())
     for name, value in weights[4].items():  # DiLoCo with outer SGD lr 1 is local SGD with H = 2
         torch.testing.assert_close(weights[3][name], value, atol=1e-5, rtol=1e-4)
     assert sent[4] < 0.6 * sent[2]  # averaging every second step sends half as much
     assert sent[5] < 0.5 * sent[0]  # top-k 5 % with error feedback sends far less than dense
+
+
+RESUMED_IN_AN_OWN_LOOP = [("gossip", {"topology": "ring"}), ("easgd", {"tau": 4})]
+
+
+def resumed_loops_on_ranks(comm, directory):
+    """Rank's side: two epochs straight, and one epoch, a checkpoint and a resumed epoch, for each policy whose
+    replicas differ between ranks (digits: 45 steps an epoch, so EASGD is cut 1 step after a pull)."""
+    from polytrain.train.session import Session
+
+    outcomes = []
+    for strategy, args in RESUMED_IN_AN_OWN_LOOP:
+        sessions = [Session(comm, strategy=strategy, strategy_args=args) for _ in range(3)]
+        straight, _ = own_loop(sessions[0], range(2))
+        own_loop(sessions[1], range(1))
+        sessions[1].save(f"{directory}/{strategy}.pt", {"epoch": 1})
+        torch.manual_seed(123)  # other initial weights: the checkpoint must replace them
+        model = build_model("lenet5", 10, (1, 8, 8))
+        model, optimizer = sessions[2].setup(model, torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9))
+        sessions[2].load(f"{directory}/{strategy}.pt")
+        resumed, _ = own_loop(sessions[2], range(1, 2), model, optimizer)
+        outcomes.append(all(torch.equal(value, resumed.state_dict()[name])
+                            for name, value in straight.state_dict().items()))
+        for session in sessions:
+            session.close()
+    return outcomes
+
+
+def test_replicas_that_differ_resume_bit_for_bit_at_the_same_world_size(tmp_path):
+    from polytrain.launch import run_workers
+
+    outcomes = run_workers(resumed_loops_on_ranks, 2, (str(tmp_path),), threads=1, timeout_s=60)
+    assert outcomes == [[True, True], [True, True]]  # every rank's replica, every policy
