@@ -52,6 +52,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", default=None, help="update policy NAME[:k=v,...]")
     parser.add_argument("--mesh", default=None, help="mesh axes AXIS=SIZE,... (dp, pp, tp); --workers is their product")
     parser.add_argument("--compressor", default=None, help="NAME[+NAME][:k=v,...] (gradient compression)")
+    parser.add_argument("--straggler", default=None, help="slow one rank down: rank=R,slowdown=S (e.g. rank=1,slowdown=3)")
     parser.add_argument("--data-path", default=None, help="directory of a user dataset (mnist, cifar10, ...)")
     parser.add_argument("--config", default=None, help="TOML file of settings")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -114,6 +115,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         overrides["strategy"], overrides["strategy_args"] = parse_named(args.strategy, "--strategy")
     if args.compressor is not None:
         overrides["compressor"], overrides["compressor_args"] = parse_named(args.compressor, "--compressor")
+    if args.straggler is not None:
+        overrides["straggler"] = parse_assignments([part for part in args.straggler.split(",") if part], "--straggler")
     if args.mesh is not None:
         overrides["mesh"] = MeshShape.parse(args.mesh).sizes()
     if args.data_path is not None:

@@ -76,6 +76,8 @@ class Experiment:
             a perplexity, an RMSE; reached when the metric is at least, or for lower-is-better metrics at
             most, this).
         checkpoint_steps: also checkpoint every this many steps (0: only at the end of each epoch).
+        straggler: slow one rank down reproducibly, {"rank": R, "slowdown": S}: rank R's forward and
+            backward passes take S times as long (polytrain.train.straggler); {} (default): none.
         threads: torch threads per worker (None: the machine's cores divided by the workers).
         timeout_s: the longest any communication may wait for a peer before the run fails.
         out: directory for result.json, metrics.jsonl, model.pt and checkpoints.
@@ -116,6 +118,7 @@ class Experiment:
     seed: int = 0
     target: float | None = None
     checkpoint_steps: int = 0
+    straggler: dict = field(default_factory=dict)
     threads: int | None = None
     timeout_s: float = 60.0
     out: str | None = None

@@ -23,6 +23,7 @@ from polytrain.strategies import STRATEGIES, policy_args
 from polytrain.tasks import ACCURACY, TASKS
 from polytrain.train.compression import check_compression_plan
 from polytrain.train.optim import OPTIMIZERS, SCHEDULES, check_optimizer, optimizer_defaults
+from polytrain.train.straggler import straggler_error
 
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -167,6 +168,8 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
            f"(strategies: {', '.join(STRATEGIES.names())})")
     _check(replicas > 1 or not parallel,
            f"strategy {exp.strategy} needs at least 2 data-parallel replicas; mesh {shape.describe()} has 1")
+    straggler = straggler_error(exp.straggler, exp.workers)
+    _check(straggler is None, straggler or "")
     if hasattr(strategy_args, "check_replicas"):
         strategy_args.check_replicas(replicas)
     _check(exp.amp in AMP_MODES, f"unknown amp '{exp.amp}'; expected {', '.join(AMP_MODES)}")

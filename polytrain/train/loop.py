@@ -35,10 +35,11 @@ from polytrain.train.optim import Schedule, build_optimizer, build_schedule
 from polytrain.train.progress import Reporter, SilentReporter, console_reporter
 from polytrain.train.result import Result
 from polytrain.train.session import Session, backend_for
+from polytrain.train.straggler import Straggler
 
 # Settings that may differ when resuming: they do not change what has been computed so far.
 RESUMABLE_CHANGES = ("epochs", "out", "target", "checkpoint_steps", "threads", "timeout_s", "device",
-                     "loader_workers")
+                     "loader_workers", "straggler")
 # Settings that may differ when a run resumes at another world size (the global batch stays and the sampler
 # re-shards it), provided its policy state is the same on every rank (checkpoint.reshard_error). The strategy
 # may change between `local` and `allreduce`: the same synchronous SGD on 1 and on N replicas.
@@ -160,6 +161,7 @@ class Trainer:
         self.step_schedule = STEP_SCHEDULES.get(exp.step_schedule)()
         self.precision = self.session.precision
         self.position = _Position()
+        self.straggler = Straggler(exp.straggler, self.rank)
         self.out = Path(exp.out) if exp.out else None
         if self.out is not None and self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)  # fail on an unwritable --out before training
@@ -272,7 +274,9 @@ class Trainer:
         x, y = x.to(self.device), y.to(self.device)
         context = StepContext(global_batch, self.policy.before_backward, self.precision.autocast,
                               self.precision.scale_loss, self.task)
+        computing = time.perf_counter()
         output = self.step_schedule.run(self.model, x, y, self.exp.microbatches, context)
+        self.straggler.after_compute(time.perf_counter() - computing)
         if not math.isfinite(output.loss_sum):
             self.diverged(output.loss_sum)
         self.session.global_step = self.position.global_step
@@ -339,16 +343,22 @@ class Trainer:
 
         The counts are gathered from every rank uncounted (they are the books themselves)."""
         mine = self.mesh.bookkeeping.stats.as_dict() if self.mesh.bookkeeping is not None else CommStats().as_dict()
+        if self.exp.straggler:
+            mine["straggler_wait_s"] = self.straggler.waited_s
         per_rank = [mine]
         if self.mesh.bookkeeping is not None:
             per_rank = [None] * self.mesh.world_size
             dist.all_gather_object(per_rank, mine, group=self.mesh.bookkeeping.group)
         rank0 = per_rank[0]
+        straggler = {}
+        if self.exp.straggler:  # what the slowed rank waited, beside its settings
+            waited = per_rank[self.exp.straggler["rank"]]["straggler_wait_s"]
+            straggler = {"straggler": {**self.exp.straggler, "waited_s": waited}}
         return {"bytes_sent": rank0["bytes_sent"], "bytes_received": rank0["bytes_received"],
                 "messages": rank0["messages_sent"], "bytes_sent_per_step": rank0["bytes_sent"] / max(1, steps),
                 "estimated": any(stats["estimated"] for stats in per_rank), "bookkeeping": rank0["bookkeeping"],
                 "mesh": self.mesh.shape.sizes(), "per_rank": [{"rank": rank, **stats} for rank, stats in enumerate(per_rank)],
-                **self.policy.report()}
+                **straggler, **self.policy.report()}
 
     def finish(self) -> Result:
         result = Result.from_history(self.exp, self.position.history, comm=self.comm_section(self.position.global_step),

@@ -76,10 +76,15 @@ def test_buckets_overlap_and_microbatches_do_not_change_the_result():
                 {"algorithm": "tree", "bucket_mb": 0.05}]
     experiments = [LENET.replace(workers=2, strategy="allreduce", strategy_args=args) for args in variants]
     experiments.append(LENET.replace(workers=2, strategy="allreduce", microbatches=3))
+    # A straggler changes the time of a step, not its arithmetic.
+    experiments.append(LENET.replace(workers=2, strategy="allreduce", straggler={"rank": 1, "slowdown": 2}))
     outcomes = run_workers(final_weights, 2, (experiments,), threads=1, timeout_s=60)[0]
-    for (state, identical, comm), args in zip(outcomes, variants + [{"microbatches": 3}]):
+    for (state, identical, comm), args in zip(outcomes, variants + [{"microbatches": 3}, {"straggler": 1}]):
         assert identical and max_difference(single, state) <= 1e-5, args
     assert outcomes[0][2]["buckets"] > 1
+    slowed = outcomes[-1][2]
+    assert slowed["straggler"]["rank"] == 1 and slowed["straggler"]["waited_s"] > 0
+    assert "straggler_wait_s" in slowed["per_rank"][1] and "straggler" not in outcomes[0][2]
 
 
 def test_counted_bytes_equal_the_algorithms_volume():
