@@ -52,7 +52,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", default=None, help="update policy NAME[:k=v,...]")
     parser.add_argument("--mesh", default=None, help="mesh axes AXIS=SIZE,... (dp, pp, tp); --workers is their product")
     parser.add_argument("--compressor", default=None, help="NAME[+NAME][:k=v,...] (gradient compression)")
-    parser.add_argument("--straggler", default=None, help="slow one rank down: rank=R,slowdown=S (e.g. rank=1,slowdown=3)")
+    parser.add_argument("--straggler", default=None,
+                        help="slow one rank down: rank=R,slowdown=S (e.g. rank=1,slowdown=3)")
     parser.add_argument("--data-path", default=None, help="directory of a user dataset (mnist, cifar10, ...)")
     parser.add_argument("--config", default=None, help="TOML file of settings")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -159,6 +159,7 @@ class Local(PolicyBase):
         update()
 
 
-from polytrain.strategies import allreduce, easgd, gossip, local_sgd  # noqa: E402,F401  (registers the parallel policies)
+# Registers the parallel policies.
+from polytrain.strategies import allreduce, easgd, gossip, local_sgd  # noqa: E402,F401
 
 __all__ = ["STRATEGIES", "UpdatePolicy", "PolicyBase", "Update", "policy_args", "build_policy", "Local"]

@@ -1,9 +1,11 @@
 """A reproducible straggler: one rank's forward and backward passes take `slowdown` times as long.
 
 `--straggler rank=1,slowdown=3` (Experiment.straggler). After its step schedule has run, the straggling rank
-waits (slowdown - 1) times what the passes took before it communicates, so it is slower by a factor of the
-rank's own compute on any machine, and the waiting time is recorded (result.json's `straggler`). Only time
-changes: the arithmetic of the step is the same, so a synchronous run's weights do not depend on it.
+waits (slowdown - 1) times what the passes took before the policy's step, so it is slower by a factor of
+its own compute on any machine, and the waiting time is recorded (result.json's `comm.straggler`). (Buckets
+that an overlapping allreduce launched during the backward pass have left already; the rank's next step
+then starts late by the same time, so the cycle of a synchronous run stretches alike.) Only time changes:
+the arithmetic of the step is the same, so a synchronous run's weights do not depend on it.
 """
 
 from __future__ import annotations
