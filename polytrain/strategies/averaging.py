@@ -36,16 +36,23 @@ def average_into(tensors: list[torch.Tensor], comm: Communicator | None, algorit
 
 
 @contextlib.contextmanager
-def replaced_by_mean(tensors: list[torch.Tensor], comm: Communicator | None) -> Iterator[None]:
-    """For the duration of the context, `tensors` hold their mean over `comm` (each rank's own are put back)."""
+def restored_after(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Whatever the context writes into `tensors`, their values of before are put back after it."""
     own = [t.detach().clone() for t in tensors]
-    average_into(tensors, comm)
     try:
         yield
     finally:
         with torch.no_grad():
             for tensor, saved in zip(tensors, own):
                 tensor.copy_(saved)
+
+
+@contextlib.contextmanager
+def replaced_by_mean(tensors: list[torch.Tensor], comm: Communicator | None) -> Iterator[None]:
+    """For the duration of the context, `tensors` hold their mean over `comm` (each rank's own are put back)."""
+    with restored_after(tensors):
+        average_into(tensors, comm)
+        yield
 
 
 def consensus_distance(parameters: list[torch.Tensor], comm: Communicator | None) -> float:

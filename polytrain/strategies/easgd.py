@@ -35,7 +35,7 @@ from torch import nn
 from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
 from polytrain.comm.mesh import Mesh
 from polytrain.strategies import STRATEGIES, PolicyBase, Update
-from polytrain.strategies.averaging import consensus_distance, local_gradients, sum_over
+from polytrain.strategies.averaging import consensus_distance, local_gradients, restored_after, sum_over
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,9 @@ class EASGD(PolicyBase):
     def finish(self, model: nn.Module) -> None:
         if self.since_pull:
             self.pull()
+        self.become_center()
+
+    def become_center(self) -> None:
         with torch.no_grad():
             for replica, center in zip(self.elastic, self.center):
                 replica.copy_(center)
@@ -124,16 +127,9 @@ class EASGD(PolicyBase):
     @contextlib.contextmanager
     def evaluation_model(self, model: nn.Module) -> Iterator[nn.Module]:
         """The center (the same on every rank, no traffic); each replica's own model is put back after."""
-        own = [t.clone() for t in self.elastic]
-        with torch.no_grad():
-            for replica, center in zip(self.elastic, self.center):
-                replica.copy_(center)
-        try:
+        with restored_after(self.elastic):
+            self.become_center()
             yield model
-        finally:
-            with torch.no_grad():
-                for replica, saved in zip(self.elastic, own):
-                    replica.copy_(saved)
 
     def epoch_metrics(self, model: nn.Module) -> dict:
         return {"consensus_distance": consensus_distance(list(model.parameters()), self.bookkeeping)}
