@@ -190,6 +190,17 @@ class Communicator:
         """Receives from rank `src` into `buffer`."""
         self.exchange([], [(buffer, src)], operation)
 
+    def recv_any(self, buffer: torch.Tensor, operation: str = "p2p") -> int:
+        """Receives into `buffer` the next message sent to this rank by any rank; returns the sender.
+
+        Every message to this rank on this communicator's group must then have `buffer`'s size (a
+        parameter server takes fixed-size headers from whichever worker is first, polytrain.strategies.ps).
+        """
+        self._count(operation, 0, _nbytes(buffer), 0, 1)
+        work = dist.irecv(buffer, None, self.group)
+        self._wait([work], f"{operation} from any rank")
+        return work._source_rank()
+
     def native_all_reduce(self, tensor: torch.Tensor, async_op: bool = False):
         """The backend's own sum-allreduce; bytes are estimated as ring allreduce, 2(p-1)/p * n per rank."""
         p = self.world_size

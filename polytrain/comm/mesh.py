@@ -7,8 +7,11 @@ ranks that differ only in that coordinate, built with torch's DeviceMesh, and a 
 labelled with the axis; all of a rank's communicators, and the bookkeeping one over the whole world,
 share one CommStats, so result.json shows every byte by axis and operation.
 
-Server ranks (the parameter-server issue) will sit beside the product, not inside it: a mesh describes
-how the workers are arranged.
+Server ranks (a parameter server's, polytrain.strategies.ps) sit beside the product, not inside it: a
+mesh of W workers with k servers spans W + k ranks, the workers first (rank 0 stays a worker, the one that
+reports and writes the results), the servers after them. Workers and servers share a communicator of their
+own, axis "ps", so that a server receiving from whichever worker is first never meets the run's other
+traffic; the workers' dp communicator leaves the servers out.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class Mesh:
         comms: a Communicator per axis of size > 1 (missing: the axis has one rank and nothing to send).
         bookkeeping: a Communicator over the world for metrics, evaluation and checkpoint gathers,
             counted under BOOKKEEPING (None for a single rank).
+        servers: server ranks beside the workers (ranks shape.world_size and up).
     """
 
     shape: MeshShape
@@ -110,6 +114,7 @@ class Mesh:
     coords: dict[str, int]
     comms: dict[str, Communicator]
     bookkeeping: Communicator | None
+    servers: int = 0
 
     @classmethod
     def single(cls) -> "Mesh":
@@ -117,16 +122,19 @@ class Mesh:
         return cls(MeshShape(), 0, {axis: 0 for axis in AXES}, {}, None)
 
     @classmethod
-    def build(cls, shape: MeshShape, world: Communicator | None) -> "Mesh":
+    def build(cls, shape: MeshShape, world: Communicator | None, servers: int = 0) -> "Mesh":
         """The mesh over `world` (every rank calls this together; None: a single rank).
 
         When only dp has more than one rank, the dp communicator is `world` itself (which may be a
         subgroup, as the conformance batteries use). Otherwise torch's DeviceMesh builds one process
-        group per axis over the default (world) group.
+        group per axis over the default (world) group. With `servers`, the last `servers` ranks of
+        `world` are server ranks (see the module docstring).
         """
         if world is None:
             shape.check_workers(1)
             return cls.single()
+        if servers:
+            return cls._with_servers(shape, world, servers)
         shape.check_workers(world.world_size)
         coords = shape.coordinates(world.rank)
         bookkeeping = world.sibling(BOOKKEEPING)
@@ -138,6 +146,34 @@ class Mesh:
         comms = {axis: world.sibling(axis, device_mesh.get_group(axis))
                  for axis, size in shape.sizes().items() if size > 1}
         return cls(shape, world.rank, coords, comms, bookkeeping)
+
+    @classmethod
+    def _with_servers(cls, shape: MeshShape, world: Communicator, servers: int) -> "Mesh":
+        if shape.world_size != shape.dp:
+            raise MeshError(f"server ranks sit beside data-parallel workers only; mesh {shape.describe()} splits "
+                            f"the model")
+        if world.world_size != shape.dp + servers:
+            raise MeshError(f"{shape.dp} workers + {servers} servers = {shape.dp + servers} ranks, but the run "
+                            f"has {world.world_size}")
+        import torch.distributed as dist
+
+        def global_ranks(count: int) -> list[int]:
+            return [r if world.group is None else dist.get_global_rank(world.group, r) for r in range(count)]
+
+        # Every rank of the world takes part in creating every group, members or not (torch's rule).
+        workers_group = dist.new_group(global_ranks(shape.dp))
+        ps_group = dist.new_group(global_ranks(world.world_size))
+        is_server = world.rank >= shape.dp
+        comms = {"ps": world.sibling("ps", ps_group)}
+        if not is_server:
+            comms["dp"] = world.sibling("dp", workers_group)
+        coords = {axis: 0 for axis in AXES} if is_server else shape.coordinates(world.rank)
+        return cls(shape, world.rank, coords, comms, world.sibling(BOOKKEEPING), servers)
+
+    @property
+    def is_server(self) -> bool:
+        """This rank is a server (it holds a shard of the model and trains on no data)."""
+        return self.rank >= self.shape.world_size
 
     @property
     def dp(self) -> Communicator | None:
@@ -154,4 +190,5 @@ class Mesh:
 
     @property
     def world_size(self) -> int:
-        return self.shape.world_size
+        """Every rank of the run: the mesh's workers and the servers beside them."""
+        return self.shape.world_size + self.servers

@@ -40,7 +40,9 @@ class UpdatePolicy(Protocol):
         compresses: takes a gradient compressor (--compressor).
 
     An `Args` may define `check_replicas(p)`, raising ValueError for arguments that do not fit p
-    data-parallel replicas; it runs with the rest of the validation, before any worker starts.
+    data-parallel replicas; it runs with the rest of the validation, before any worker starts. An `Args`
+    with a `servers` field asks for that many server ranks beside the workers (`server_ranks`): on them the
+    policy is built too, trains on no data, and serves the workers inside `settle` (polytrain.strategies.ps).
     """
 
     Args: type
@@ -49,8 +51,9 @@ class UpdatePolicy(Protocol):
 
     def __init__(self, mesh: Mesh, args: Any, compressor: Compressor | None = None) -> None: ...
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """The model as this policy trains it (hooks registered, layers converted)."""
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """The model as this policy trains it (hooks registered, layers converted); `optimizer` is the
+        run's, over its parameters."""
 
     def set_batch_size(self, global_batch: int) -> None:
         """Called before each epoch with its global batch."""
@@ -60,6 +63,10 @@ class UpdatePolicy(Protocol):
 
     def step(self, model: nn.Module, update: Update, global_step: int) -> None:
         """Completes step `global_step` (0-based) after the schedule's backward passes: reduce, update, after."""
+
+    def settle(self, model: nn.Module, update: Update, global_step: int) -> None:
+        """At a synchronization point (an epoch's end, a checkpoint), after `global_step` steps: complete
+        what is in flight (collective, on every rank)."""
 
     def finish(self, model: nn.Module) -> None:
         """After the last step: leave every replica with the run's final model."""
@@ -89,7 +96,7 @@ class PolicyBase:
     parallel = True
     compresses = False
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         return model
 
     def set_batch_size(self, global_batch: int) -> None:
@@ -97,6 +104,9 @@ class PolicyBase:
 
     def before_backward(self, last_microbatch: bool) -> None:
         """Nothing to launch during backward."""
+
+    def settle(self, model: nn.Module, update: Update, global_step: int) -> None:
+        """Nothing is in flight between steps."""
 
     def finish(self, model: nn.Module) -> None:
         """The replicas already hold the final model."""
@@ -131,6 +141,11 @@ def policy_args(name: str, args: Mapping[str, Any]):
     return args_class(**args)
 
 
+def server_ranks(name: str, args: Mapping[str, Any]) -> int:
+    """The server ranks policy `name` runs beside its workers (its Args' `servers`; 0 for most)."""
+    return getattr(policy_args(name, args), "servers", 0)
+
+
 def build_policy(name: str, mesh: Mesh, args: Mapping[str, Any], compressor: Compressor | None = None) -> UpdatePolicy:
     """The update policy `name` of this rank; `compressor` only for policies that compress."""
     factory = STRATEGIES.get(name)
@@ -160,6 +175,7 @@ class Local(PolicyBase):
 
 
 # Registers the parallel policies.
-from polytrain.strategies import allreduce, easgd, gossip, local_sgd  # noqa: E402,F401
+from polytrain.strategies import allreduce, easgd, gossip, local_sgd, ps  # noqa: E402,F401
 
-__all__ = ["STRATEGIES", "UpdatePolicy", "PolicyBase", "Update", "policy_args", "build_policy", "Local"]
+__all__ = ["STRATEGIES", "UpdatePolicy", "PolicyBase", "Update", "policy_args", "server_ranks", "build_policy",
+           "Local"]

@@ -132,7 +132,7 @@ class AllReduce(PolicyBase):
         self.last_microbatch = True
         self.hooks: list = []
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         if self.args.sync_bn:
             model = convert_sync_batchnorm(model, self.sum_across_ranks)
         if self.args.sufficient_factors != "off":

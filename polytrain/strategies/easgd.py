@@ -89,7 +89,7 @@ class EASGD(PolicyBase):
         self.elastic: list[torch.Tensor] = []
         self.center: list[torch.Tensor] = []
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         self.elastic = [p.data for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
         self.center = [t.detach().clone() for t in self.elastic]
         return model

@@ -131,7 +131,7 @@ class Gossip(PolicyBase):
         self.mixed: list[torch.Tensor] = []
         self.mixed_since_average = False
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         self.mixed = [p.data for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
         return model
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
 from polytrain.comm.mesh import Mesh
-from polytrain.strategies import STRATEGIES, Update
+from polytrain.strategies import STRATEGIES, PolicyBase, Update
 from polytrain.strategies.allreduce import AllReduce, AllReduceArgs
 from polytrain.strategies.averaging import average_into, consensus_distance, local_gradients, replaced_by_mean
 
@@ -142,11 +142,9 @@ class OuterStep:
         self.optimizer.load_state_dict(state["outer"])
 
 
-class ModelAveraging:
+class ModelAveraging(PolicyBase):
     """Local steps and an average of the replicas every `period` steps; with DiLoCoArgs, an outer step too."""
 
-    parallel = True
-    compresses = False
     Args: type = LocalSGDArgs
 
     def __init__(self, mesh: Mesh, args: "LocalSGDArgs | DiLoCoArgs", compressor: None = None) -> None:
@@ -161,9 +159,9 @@ class ModelAveraging:
         self.averaged: list[torch.Tensor] = []
         self.outer: OuterStep | None = None
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         if self.warmup is not None:
-            model = self.warmup.prepare(model)
+            model = self.warmup.prepare(model, optimizer)
         self.averaged = [p.data for p in model.parameters()] + [b for b in model.buffers() if b.is_floating_point()]
         if isinstance(self.args, DiLoCoArgs):
             self.outer = OuterStep(model, self.args)

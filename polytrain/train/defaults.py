@@ -19,7 +19,7 @@ from polytrain.models import MODELS
 from polytrain.ops.precision import ROUNDING_MODES, parse_format
 from polytrain.plugins import load_plugins
 from polytrain.schedules import STEP_SCHEDULES
-from polytrain.strategies import STRATEGIES, policy_args
+from polytrain.strategies import STRATEGIES, policy_args, server_ranks
 from polytrain.tasks import ACCURACY, TASKS
 from polytrain.train.compression import check_compression_plan
 from polytrain.train.optim import OPTIMIZERS, SCHEDULES, check_optimizer, optimizer_defaults
@@ -107,13 +107,19 @@ def resolve(exp: Experiment, *, own: tuple[str, ...] = ()) -> Experiment:
                    task=exp.task or dataset_task(exp))
     if exp.strategy is None:
         changes["strategy"] = "local" if workers == 1 else "allreduce"
-    if exp.threads is None:
-        changes["threads"] = max(1, (os.cpu_count() or 1) // workers)
+    if exp.threads is None:  # every rank's share of the cores, servers' included
+        strategy = changes.get("strategy", exp.strategy)
+        changes["threads"] = max(1, (os.cpu_count() or 1) // (workers + server_ranks(strategy, exp.strategy_args)))
     # Every optimizer keyword explicit in result.json: momentum 0.9 for momentum/nesterov, else torch's defaults.
     changes["optimizer_args"] = {**optimizer_defaults(changes.get("optimizer", exp.optimizer)), **exp.optimizer_args}
     resolved = dataclasses.replace(exp, model=model, **changes)
     validate(resolved, own=own)
     return resolved
+
+
+def run_ranks(exp: Experiment) -> int:
+    """The processes a resolved run takes: its workers and its policy's server ranks."""
+    return exp.workers + server_ranks(exp.strategy, exp.strategy_args)
 
 
 def resolve_device(device: str) -> str:
@@ -136,6 +142,20 @@ def _check_mesh_schedule(shape: MeshShape, step_schedule: str) -> None:
             raise ConfigError(f"mesh {shape.describe()} splits the model over {axis}, but step schedule "
                               f"{step_schedule} runs the whole model on every rank (schedules that split "
                               f"none: {', '.join(whole)}; set {axis}=1)")
+
+
+def _check_servers(exp: Experiment, shape: MeshShape, servers: int) -> None:
+    """Server ranks apply the optimizer to their shards: what needs the whole model in one place is refused."""
+    _check(shape.world_size == shape.dp, f"strategy {exp.strategy} puts servers beside data-parallel workers; mesh "
+                                         f"{shape.describe()} splits the model (use dp only)")
+    _check(exp.grad_clip is None or servers == 1,
+           f"--grad-clip clips the norm of the whole gradient, but {servers} servers each see one shard; use "
+           f"servers=1 or no clipping")
+    _check(exp.amp != "fp16", "amp fp16 scales the loss on the workers and unscales in the optimizer step, which "
+                              f"the servers of {exp.strategy} take; use amp bf16 or none")
+    _check(exp.precision == Experiment.precision,
+           f"precision {exp.precision} rounds the parameters after each step on the workers, but the servers of "
+           f"{exp.strategy} hold them; use the default precision")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -172,6 +192,9 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
     _check(straggler is None, straggler or "")
     if hasattr(strategy_args, "check_replicas"):
         strategy_args.check_replicas(replicas)
+    servers = server_ranks(exp.strategy, exp.strategy_args)
+    if servers:
+        _check_servers(exp, shape, servers)
     _check(exp.amp in AMP_MODES, f"unknown amp '{exp.amp}'; expected {', '.join(AMP_MODES)}")
     if exp.compressor is not None:
         _check(STRATEGIES.get(exp.strategy).compresses,

@@ -28,7 +28,8 @@ from polytrain.plugins import load_plugins
 from polytrain.schedules import STEP_SCHEDULES, StepContext
 from polytrain.tasks import TASKS, Task
 from polytrain.train.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, reshard_error
-from polytrain.train.defaults import resolve
+from polytrain.strategies import server_ranks
+from polytrain.train.defaults import resolve, run_ranks
 from polytrain.train.environment import environment
 from polytrain.train.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from polytrain.train.optim import Schedule, build_optimizer, build_schedule
@@ -237,6 +238,22 @@ class Trainer:
         steps = sampler.steps_per_epoch()
         self.policy.set_batch_size(sampler.global_batch_size)
         self.augmentation = self.draw_augmentation(epoch)
+        if self.mesh.is_server:
+            self.serve_epoch(steps)
+        else:
+            self.train_steps(sampler, steps)
+        started = time.perf_counter()
+        self.settle()  # part of the epoch's time: what the slowest rank still had in flight
+        position.totals.train_s += time.perf_counter() - started
+        lr = self.schedule.lr_at(epoch, steps - 1, steps)  # the last step's
+        policy_metrics = self.policy.epoch_metrics(self.model)  # the replicas as trained, before a last average
+        if position.epoch == self.exp.epochs - 1:
+            self.policy.finish(self.model)  # e.g. a last average: the final evaluation sees the final model
+        self.end_epoch(lr, sampler.global_batch_size, steps, policy_metrics)
+
+    def train_steps(self, sampler: ShardedBatchSampler, steps: int) -> None:
+        """This replica's steps of the epoch from the current position."""
+        position, epoch = self.position, self.position.epoch
         # Reading the data is part of the step's time (a DataLoader's workers prefetch while the step runs).
         started = time.perf_counter()
         for indices, x, y in self.data.train_batches(sampler, epoch, position.step):
@@ -244,17 +261,30 @@ class Trainer:
             loss_sum = self.train_step(indices, x, y, sampler.global_batch_len(position.step), lr)
             position.totals.train_s += time.perf_counter() - started
             self.reporter.step(epoch, position.step, steps, loss_sum / max(1, len(indices)))
-            position.step += 1
-            position.global_step += 1
-            if self.exp.checkpoint_steps and position.global_step % self.exp.checkpoint_steps == 0:
-                self.save()
+            self.advance()
             if self.on_step is not None:
                 self.on_step(position.global_step)
             started = time.perf_counter()
-        policy_metrics = self.policy.epoch_metrics(self.model)  # the replicas as trained, before a last average
-        if position.epoch == self.exp.epochs - 1:
-            self.policy.finish(self.model)  # e.g. a last average: the final evaluation sees the final model
-        self.end_epoch(lr, sampler.global_batch_size, steps, policy_metrics)
+
+    def advance(self) -> None:
+        """One step done: the position moves on, and at every checkpoint_steps-th step a checkpoint."""
+        position = self.position
+        position.step += 1
+        position.global_step += 1
+        if self.exp.checkpoint_steps and position.global_step % self.exp.checkpoint_steps == 0:
+            self.settle()
+            self.save()
+
+    def settle(self) -> None:
+        """A synchronization point: the policy completes what is in flight (a parameter server applies every
+        pushed gradient)."""
+        self.policy.settle(self.model, self.session.update, self.position.global_step)
+
+    def serve_epoch(self, steps: int) -> None:
+        """A server rank's epoch: no data and no steps of its own; it walks the workers' steps to each
+        synchronization point, where it serves them inside `settle` (polytrain.strategies.ps)."""
+        while self.position.step < steps:
+            self.advance()
 
     def draw_augmentation(self, epoch: int) -> torch.Tensor | None:
         exp = self.exp
@@ -430,13 +460,14 @@ def _train_rank(comm: Communicator, exp: Experiment, resume: str | None, report:
     return result if comm.rank == 0 else None
 
 
-def _train_ranks_sequence(comm: Communicator, experiments: list[Experiment], report: bool,
-                          own: OwnObjects) -> list[Result] | None:
+def _train_ranks_sequence(comm: Communicator, experiments: list[Experiment], resumes: list[str | None],
+                          report: bool, own: OwnObjects) -> list[Result] | None:
     """Several runs, one after the other, on the same spawned ranks; rank 0 returns the Results."""
     results = []
-    for exp in experiments:
+    for exp, resume in zip(experiments, resumes):
+        state = load_checkpoint(checkpoint_path(resume)) if resume is not None else None
         reporter = console_reporter(sys.stdout) if report and comm.rank == 0 else SilentReporter()
-        results.append(_run(exp, None, reporter, None, comm, own))
+        results.append(_run(exp, state, reporter, None, comm, own))
     return results if comm.rank == 0 else None
 
 
@@ -464,22 +495,29 @@ def _qualified_name(factory: Callable) -> str:
     return f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', type(inner).__name__)}"
 
 
-def train_sequence(experiments: list[Experiment], *, report: bool = False, model: Callable[[], nn.Module] | None = None,
-                   data=None, task: Task | str | None = None) -> list[Result]:
+def train_sequence(experiments: list[Experiment], *, resume: list[str | Path | None] | None = None,
+                   report: bool = False, model: Callable[[], nn.Module] | None = None, data=None,
+                   task: Task | str | None = None) -> list[Result]:
     """Trains several multi-worker experiments one after the other on one set of spawned workers.
 
     Saves the process start-up (importing torch in every rank) between runs, as the demo and the tests
-    need; each run's Result is the same as from `train` (with the same own `model`, `data` and `task`).
-    All experiments need the same worker count.
+    need; each run's Result is the same as from `train` (with the same own `model`, `data` and `task`,
+    and `resume[i]`, if given, as run i's resume directory). All experiments need the same rank count.
     """
     own = _own_objects(model, data, task)
     resolved = [resolve(_with_own(exp, own), own=_owned(own)) for exp in experiments]
-    workers = {exp.workers for exp in resolved}
-    if len(workers) != 1 or workers == {1}:
-        raise ConfigError(f"train_sequence needs one worker count above 1 for all runs; got {sorted(workers)}")
-    for exp in resolved:
-        _resume_state(exp, None)
-    return run_workers(_train_ranks_sequence, workers.pop(), (resolved, report, own), threads=resolved[0].threads,
+    ranks = {run_ranks(exp) for exp in resolved}
+    if len(ranks) != 1 or ranks == {1}:
+        raise ConfigError(f"train_sequence needs one rank count above 1 for all runs (workers and servers); got "
+                          f"{sorted(ranks)}")
+    resumes = list(resume) if resume is not None else [None] * len(resolved)
+    if len(resumes) != len(resolved):
+        raise ConfigError(f"train_sequence got {len(resumes)} resume directories for {len(resolved)} runs")
+    for exp, directory in zip(resolved, resumes):
+        _resume_state(exp, directory)
+    resumes = [str(directory) if directory is not None else None for directory in resumes]
+    return run_workers(_train_ranks_sequence, ranks.pop(), (resolved, resumes, report, own),
+                       threads=resolved[0].threads,
                        backend=backend_for(resolved[0].device), timeout_s=max(exp.timeout_s for exp in resolved))[0]
 
 
@@ -496,11 +534,14 @@ def _owned(own: OwnObjects) -> tuple[str, ...]:
 
 
 def _with_torchrun_world(exp: Experiment) -> Experiment:
-    """Under torchrun the world size comes from its environment; an explicit other --workers is an error."""
-    world_size = int(os.environ["WORLD_SIZE"])
-    if exp.workers not in (None, 1, world_size):
-        raise ConfigError(f"--workers {exp.workers} does not match torchrun's WORLD_SIZE={world_size}")
-    return exp.replace(workers=world_size)
+    """Under torchrun the world size comes from its environment (less the policy's server ranks); an explicit
+    other --workers is an error."""
+    servers = server_ranks(exp.strategy, exp.strategy_args) if exp.strategy else 0
+    workers = int(os.environ["WORLD_SIZE"]) - servers
+    if exp.workers not in (None, 1, workers):
+        raise ConfigError(f"--workers {exp.workers} does not match torchrun's WORLD_SIZE={workers + servers}"
+                          f"{f' less {servers} servers' if servers else ''}")
+    return exp.replace(workers=workers)
 
 
 def train(exp: Experiment, *, resume: str | Path | None = None, reporter: Reporter | None = None,
@@ -528,11 +569,11 @@ def train(exp: Experiment, *, resume: str | Path | None = None, reporter: Report
     torchrun = under_torchrun()
     exp = resolve(_with_own(_with_torchrun_world(exp) if torchrun else exp, own), own=_owned(own))
     state = _resume_state(exp, resume)
-    if exp.workers > 1 and not torchrun:
+    if run_ranks(exp) > 1 and not torchrun:
         if on_step is not None:
             raise ConfigError("on_step callbacks need a single process; spawned workers cannot call back")
         resume_dir = str(resume) if resume is not None else None
-        results = run_workers(_train_rank, exp.workers, (exp, resume_dir, reporter is not None, own),
+        results = run_workers(_train_rank, run_ranks(exp), (exp, resume_dir, reporter is not None, own),
                               threads=exp.threads, backend=backend_for(exp.device), timeout_s=exp.timeout_s)
         return results[0]
     comm = init_from_torchrun(exp.timeout_s, backend=backend_for(exp.device)) if torchrun else None

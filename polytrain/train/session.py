@@ -36,7 +36,7 @@ from polytrain.comm.mesh import Mesh, MeshShape
 from polytrain.config import ConfigError, parse_named
 from polytrain.data.sampler import ShardedBatchSampler
 from polytrain.launch import init_from_torchrun, under_torchrun
-from polytrain.strategies import STRATEGIES, UpdatePolicy, build_policy
+from polytrain.strategies import STRATEGIES, UpdatePolicy, build_policy, server_ranks
 from polytrain.strategies.averaging import sum_over
 from polytrain.train.amp import MixedPrecision
 from polytrain.train.checkpoint import (CheckpointError, load_checkpoint, reshard_error, rng_state, save_checkpoint,
@@ -84,9 +84,10 @@ class Session:
             comm.device = self.device
             comm.reset_stats()  # the run's counts start here, also when ranks run several runs in sequence
         world = comm.world_size if comm is not None else 1
-        shape = MeshShape.from_sizes(dict(mesh)) if mesh else MeshShape(dp=world)
-        shape.check_workers(world)
-        self.mesh = Mesh.build(shape, comm)
+        servers = server_ranks(strategy, strategy_args or {}) if strategy else 0
+        shape = MeshShape.from_sizes(dict(mesh)) if mesh else MeshShape(dp=world - servers)
+        shape.check_workers(world - servers)
+        self.mesh = Mesh.build(shape, comm, servers)
         self.rank = self.mesh.rank
         self.strategy = strategy or ("local" if self.mesh.dp_size == 1 else "allreduce")
         self.strategy_args = dict(strategy_args or {})
@@ -130,7 +131,7 @@ class Session:
             if notice is not None and self.rank == 0:
                 print(f"polytrain: {notice}", file=sys.stderr)
         self.policy = build_policy(self.strategy, self.mesh, self.strategy_args, compressor)
-        self.model, self.optimizer = self.policy.prepare(model), optimizer
+        self.model, self.optimizer = self.policy.prepare(model, optimizer), optimizer
         return self.model, optimizer
 
     def _ready(self) -> UpdatePolicy:
@@ -152,6 +153,8 @@ class Session:
     def share(self, num_samples: int) -> range:
         """This replica's contiguous share of `num_samples` samples (e.g. of a test split to evaluate); the
         shares of the replicas differ in size by at most one and together cover every sample once."""
+        if self.mesh.is_server:
+            return range(0)
         size, extra = divmod(num_samples, self.replicas)
         rank = self.mesh.dp_rank
         start = rank * size + min(rank, extra)
@@ -319,6 +322,9 @@ def setup(*, strategy: str | None = None, compressor: str | None = None, mesh: s
         comm = Communicator(timeout_s=timeout_s) if dist.is_initialized() else \
             init_from_torchrun(timeout_s, backend=backend_for(device))
     strategy_name, strategy_args = parse_named(strategy, "strategy") if strategy else (None, {})
+    if strategy_name is not None and server_ranks(strategy_name, strategy_args):
+        raise ConfigError(f"strategy {strategy_name} runs server ranks, which serve the workers from polytrain's "
+                          f"own loop; train it with `polytrain train` or polytrain.train")
     compressor_name, compressor_args = parse_named(compressor, "compressor") if compressor else (None, {})
     sizes = MeshShape.parse(mesh).sizes() if isinstance(mesh, str) else dict(mesh or {})
     return Session(comm, strategy=strategy_name, strategy_args=strategy_args, compressor=compressor_name,

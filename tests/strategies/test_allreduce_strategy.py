@@ -119,7 +119,8 @@ def batch_of_digits():
 def gradients_with_batch_norm(comm, sync_bn):
     """One data-parallel step of ResNet-20 (batch norm in every block) on this rank's share of 12 samples."""
     strategy = AllReduce(Mesh.build(MeshShape(dp=comm.world_size), comm), AllReduceArgs(sync_bn=sync_bn))
-    model = strategy.prepare(resnet20())
+    model = resnet20()
+    model = strategy.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
     x, y = batch_of_digits()
     x, y = x.tensor_split(comm.world_size)[comm.rank], y.tensor_split(comm.world_size)[comm.rank]
     strategy.before_backward(True)
