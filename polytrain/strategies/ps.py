@@ -173,6 +173,11 @@ class ParameterServer(PolicyBase):
         indices = shard_tensors([p.numel() * p.element_size() for p in params], self.args.servers)
         self.shards = [[params[i] for i in shard] for shard in indices]
         self.shard_bytes = [sum(p.numel() * p.element_size() for p in shard) for shard in self.shards]
+        self.shard_numel = [sum(p.numel() for p in shard) for shard in self.shards]
+        self.dtype = params[0].dtype
+        if any(p.dtype != self.dtype for p in params):
+            raise ValueError(f"ps sends each shard as one flat tensor; the model mixes parameter dtypes "
+                             f"{sorted({str(p.dtype) for p in params})}")
         self.optimizer = optimizer
         self.model = model
         if self.mesh.is_server:
@@ -220,7 +225,7 @@ class ParameterServer(PolicyBase):
     def sum_group(self, gradients: list[torch.Tensor]) -> list[torch.Tensor]:
         """The group's gradient: the leader's plus its members', in rank order."""
         members = self.group[1:]
-        received = [torch.empty(sum(g.numel() for g in gradients)) for _ in members]
+        received = [torch.empty(sum(self.shard_numel), dtype=self.dtype) for _ in members]
         self.ps.exchange([], list(zip(received, members)), "ps:group_reduce")
         total = torch.cat(gradients)
         for other in received:
@@ -246,7 +251,7 @@ class ParameterServer(PolicyBase):
         if not fetch:
             return False
         replies = [torch.empty(REPLY_FIELDS, dtype=torch.float64) for _ in self.server_ranks]
-        buffers = {j: torch.empty(self.shard_bytes[j] // 4) for j in range(len(self.server_ranks))}
+        buffers = {j: torch.empty(self.shard_numel[j], dtype=self.dtype) for j in range(len(self.server_ranks))}
         parameters = [(buffers[j], server) for j, server in enumerate(self.server_ranks)]
         if kind == STEP:  # the parameters always follow: both receives at once
             transfers = [self.ps.post([], list(zip(replies, self.server_ranks)), "ps:header"),
@@ -278,7 +283,7 @@ class ParameterServer(PolicyBase):
         flag = torch.empty(1)
         self.ps.recv(flag, self.group[0], "ps:header")
         if flag.item():
-            flat = torch.empty(sum(self.shard_bytes) // 4)
+            flat = torch.empty(sum(self.shard_numel), dtype=self.dtype)
             self.ps.recv(flat, self.group[0], "ps:group_broadcast")
             _write([p for shard in self.shards for p in shard], flat)
 
@@ -304,14 +309,13 @@ class ParameterServer(PolicyBase):
         """Serves the contributors (leaders) until each has settled at step `target`."""
         lrs = len(self.optimizer.param_groups)
         header = torch.empty(HEADER_FIELDS + lrs, dtype=torch.float64)
-        numel = sum(p.numel() for p in self.shard)
         settled: dict[int, int] = {}  # contributor -> version of the parameters it holds
         while len(settled) < len(self.leaders):
             source = self.ps.recv_any(header, "ps:header")
             fields = header.tolist()
             clock, version = int(fields[CLOCK]), int(fields[VERSION])
             if fields[HAS_GRADIENT]:
-                gradient = torch.empty(numel)
+                gradient = torch.empty(self.shard_numel[self.mesh.rank - self.workers], dtype=self.dtype)
                 self.ps.recv(gradient, source, "ps:push")
                 self.receive_gradient(gradient, source, clock, version, fields[HEADER_FIELDS:], update)
             if fields[KIND] == SETTLE:

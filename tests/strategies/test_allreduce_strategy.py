@@ -1,5 +1,7 @@
 """Synchronous data parallelism: N workers end with the weights of one worker with the same global batch."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,13 +47,19 @@ def reference(exp):
     return trainer.model.state_dict()
 
 
+@functools.cache
+def lenet_reference():
+    """One worker's weights after LENET's epoch, the reference of several tests (computed once)."""
+    return reference(LENET)
+
+
 def max_difference(a, b):
     return max((a[key].double() - b[key].double()).abs().max().item() for key in a)
 
 
 @pytest.mark.parametrize("workers", [2, 3, 4, 5])
 def test_every_algorithm_equals_one_worker(workers):
-    single = reference(LENET)
+    single = lenet_reference()
     experiments = [LENET.replace(workers=workers, strategy="allreduce", strategy_args={"algorithm": name})
                    for name in ALGORITHMS]
     outcomes = run_workers(final_weights, workers, (experiments,), threads=1, timeout_s=60)
@@ -71,7 +79,7 @@ def test_two_workers_are_bitwise_one_worker_with_two_microbatches():
 
 
 def test_buckets_overlap_and_microbatches_do_not_change_the_result():
-    single = reference(LENET)
+    single = lenet_reference()
     variants = [{"algorithm": "ring", "bucket_mb": 0.01}, {"algorithm": "ring", "overlap": False},
                 {"algorithm": "tree", "bucket_mb": 0.05}]
     experiments = [LENET.replace(workers=2, strategy="allreduce", strategy_args=args) for args in variants]

