@@ -8,7 +8,8 @@ samples/s (epochs 2..E over rank 0's training time, which for the parameter serv
 each epoch's end for the slowest worker's last pushes); time to target is the wall time at the end of the
 first epoch whose test accuracy reaches it (None: not within E epochs).
 
-Per seed, the runs of one rank count share one spawn (`train_sequence`); the straggler's ratio to the same
+Per seed, the runs of one rank count share one spawn (`train_sequence`), in an order that rotates from
+seed to seed (a slow phase of the machine then hits no policy more than the others); the straggler's ratio to the same
 policy's run without it is taken per seed and summarised by its median and 95 % nonparametric CI.
 
 Usage:
@@ -58,6 +59,7 @@ def main() -> None:
         runs = experiments(seed, options.epochs, options.target)
         for servers in (False, True):  # one spawn per rank count
             keys = [key for key, exp in runs.items() if (exp.strategy == "ps") == servers]
+            keys = keys[seed % len(keys):] + keys[:seed % len(keys)]  # the order rotates between seeds
             for key, result in zip(keys, train_sequence([runs[key] for key in keys])):
                 rows.setdefault(key, []).append({"seed": seed, "samples_per_s": result.samples_per_s,
                                                  "time_to_target_s": result.time_to_target_s,
