@@ -6,8 +6,9 @@ Each run trains an MLP of three hidden layers of 512 (0.93 M parameters, 3.7 MB 
 shards are whole tensors, so 4 servers hold 43 %, 28 %, 28 % and 1 % of it) on mnist5k, global batch 400
 (10 steps an epoch), 2 epochs, plain SGD; its rate is the Result's samples/s of epoch 2 (rank 0's training
 time). Bandwidth-only predictions of a step's communication (alpha = 0, beta = 1 / rate): ring allreduce
-2 (p-1)/p n beta on every link; the server with the largest shard s receives p s and sends p s on its
-link while each worker sends and receives n on its own, full duplex: max(p s, n) beta.
+2 (p-1)/p n beta on every link; a synchronous server first takes every push, then sends every pull, so
+the server with the largest shard s receives p s and then sends p s on its link while each worker sends n
+and then receives n on its own: 2 max(p s, n) beta.
 
     bash benchmarks/bench_ps_cluster.sh OUTDIR      # every (bandwidth, servers) in its own cluster start
     python benchmarks/bench_ps_cluster.py summarize OUTDIR
@@ -75,7 +76,7 @@ def main_summarize(args: argparse.Namespace) -> None:
             runs = [r for r in chosen if r["servers"] == servers]
             step = median_ci([r["step_s"] for r in runs])
             n, p, beta = gradient_bytes(), runs[0]["workers"], 8 / RATES[bandwidth]
-            predicted = max(p * max(runs[0]["shard_bytes"]), n) * beta if servers else 2 * (p - 1) / p * n * beta
+            predicted = 2 * max(p * max(runs[0]["shard_bytes"]), n) * beta if servers else 2 * (p - 1) / p * n * beta
             rate = statistics.median(r["samples_per_s"] for r in runs)
             name = f"ps, {servers} server{'s' * (servers > 1)}" if servers else "ring allreduce"
             print(f"| {bandwidth} | {name} | {step.median:.3f} [{step.low:.3f}, {step.high:.3f}] | {predicted:.3f} | "
