@@ -179,7 +179,6 @@ class ParameterServer(PolicyBase):
             raise ValueError(f"ps sends each shard as one flat tensor; the model mixes parameter dtypes "
                              f"{sorted({str(p.dtype) for p in params})}")
         self.optimizer = optimizer
-        self.model = model
         if self.mesh.is_server:
             self.shard = self.shards[self.mesh.rank - self.workers]
             self.version = 0  # updates applied to this shard
@@ -307,8 +306,7 @@ class ParameterServer(PolicyBase):
 
     def serve(self, update: Update, target: int) -> None:
         """Serves the contributors (leaders) until each has settled at step `target`."""
-        lrs = len(self.optimizer.param_groups)
-        header = torch.empty(HEADER_FIELDS + lrs, dtype=torch.float64)
+        header = torch.empty(HEADER_FIELDS + len(self.optimizer.param_groups), dtype=torch.float64)
         settled: dict[int, int] = {}  # contributor -> version of the parameters it holds
         while len(settled) < len(self.leaders):
             source = self.ps.recv_any(header, "ps:header")
