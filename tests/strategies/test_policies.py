@@ -52,7 +52,11 @@ def runs(directory) -> dict[str, Experiment]:
                                             optimizer="momentum"),
         "eamsgd": SGD.replace(strategy="easgd", strategy_args={"tau": PERIOD, "algorithm": "ring"},
                               optimizer="momentum", optimizer_args={"nesterov": True}),
-        "hogwild momentum": SGD.replace(strategy="hogwild", optimizer="momentum"),
+        # Two epochs: past the steep start of the curve, where the timing of hogwild's races moves the
+        # accuracy by up to 0.1 (40 steps: 0.64..0.74 over 6 runs), their effect is small.
+        "allreduce momentum 2 epochs": SGD.replace(strategy="allreduce", strategy_args=RING_ARGS, optimizer="momentum",
+                                                   epochs=2),
+        "hogwild momentum 2 epochs": SGD.replace(strategy="hogwild", optimizer="momentum", epochs=2),
         "uninterrupted": RESUME,
         "cut": RESUME.replace(epochs=1),
         "cut topk:ef": RESUME.replace(epochs=1, compressor="topk", compressor_args={"ratio": 0.05, "ef": True}),
@@ -156,11 +160,11 @@ def test_decentralized_policies_train_to_within_a_bound_of_allreduce(four_worker
 
 def test_hogwild_shares_one_model_without_sending_a_byte(four_workers):
     # The 4 ranks' steps add up in shared memory, each its share of the global batch's mean: in expectation
-    # the synchronous step. Measured after the 40 steps: allreduce 0.687, hogwild 0.69 (the interleaving of
-    # the lock-free updates depends on timing, hence the margin).
+    # the synchronous step. Measured after the 80 steps: allreduce 0.903, hogwild 0.883..0.911 over 6 runs
+    # (the interleaving of the lock-free updates depends on timing, hence the margin).
     results, _ = four_workers
-    result = results["hogwild momentum"]
-    assert result.final_test_accuracy >= results["allreduce momentum"].final_test_accuracy - 0.05
+    result = results["hogwild momentum 2 epochs"]
+    assert result.final_test_accuracy >= results["allreduce momentum 2 epochs"].final_test_accuracy - 0.05
     assert result.comm["bytes_sent"] == 0 and all(stats["by_operation"] == {} for stats in result.comm["per_rank"])
     assert result.comm["shared_memory_bytes"] == model_bytes()
     assert not list(Path("/dev/shm").glob("polytrain-hogwild-*"))  # unlinked as soon as every rank mapped it
