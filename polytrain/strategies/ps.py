@@ -80,6 +80,7 @@ class ParameterServerArgs:
     push_every: int = 1
     fetch_every: int = 1
     groups: int | None = None
+    servers_step = True  # the servers apply the optimizer (train/defaults refuses what needs it on the workers)
 
     def __post_init__(self) -> None:
         _whole(self.servers, "servers", 1)
@@ -127,11 +128,11 @@ def worker_groups(workers: int, groups: int) -> list[list[int]]:
     return [list(range(starts[g], starts[g + 1])) for g in range(groups)]
 
 
-def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
-def _write(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
+def write_flat(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
     with torch.no_grad():
         for tensor, values in zip(tensors, flat.split([t.numel() for t in tensors])):
             tensor.copy_(values.view_as(tensor))
@@ -184,7 +185,7 @@ class ParameterServer(PolicyBase):
             self.version = 0  # updates applied to this shard
             self.buckets: dict[int, dict[int, tuple[torch.Tensor, int, list[float]]]] = {}
             self.waiting: list[tuple[int, int]] = []  # (contributor, step) asking for parameters
-            self.outgoing: dict[int, _Replies] = {}  # replies in flight, per contributor
+            self.outgoing: dict[int, PostedSends] = {}  # replies in flight, per contributor
         else:
             self.versions = [0] * self.args.servers  # of the parameters this worker holds, per shard
             self.pending: list[torch.Tensor] | None = None  # async: gradients summed since the last push
@@ -263,7 +264,7 @@ class ParameterServer(PolicyBase):
             newer = [j for j, reply in enumerate(replies) if reply[1] > 0]
             self.ps.exchange([], [parameters[j] for j in newer], "ps:pull")
         for j in newer:
-            _write(self.shards[j], buffers[j])
+            write_flat(self.shards[j], buffers[j])
         self.versions = [int(reply[0]) for reply in replies]
         return bool(newer)
 
@@ -275,7 +276,7 @@ class ParameterServer(PolicyBase):
         flag = torch.tensor([float(changed)])
         self.ps.exchange([(flag, m) for m in members], [], "ps:header")
         if changed:
-            flat = torch.cat([_flat(shard) for shard in self.shards])
+            flat = torch.cat([flatten(shard) for shard in self.shards])
             self.ps.exchange([(flat, m) for m in members], [], "ps:group_broadcast")
 
     def receive_from_leader(self) -> None:
@@ -284,7 +285,7 @@ class ParameterServer(PolicyBase):
         if flag.item():
             flat = torch.empty(sum(self.shard_numel), dtype=self.dtype)
             self.ps.recv(flat, self.group[0], "ps:group_broadcast")
-            _write([p for shard in self.shards for p in shard], flat)
+            write_flat([p for shard in self.shards for p in shard], flat)
 
     # -- synchronization points --------------------------------------------------------------------------
 
@@ -376,8 +377,8 @@ class ParameterServer(PolicyBase):
         if previous is not None:
             previous.wait()
         reply = torch.tensor([float(self.version), float(send_parameters)], dtype=torch.float64)
-        sends = [(reply, source)] + ([(_flat(self.shard), source)] if send_parameters else [])
-        self.outgoing[source] = _Replies([self.ps.post(sends[:1], [], "ps:header")] +
+        sends = [(reply, source)] + ([(flatten(self.shard), source)] if send_parameters else [])
+        self.outgoing[source] = PostedSends([self.ps.post(sends[:1], [], "ps:header")] +
                                          [self.ps.post(sends[1:], [], "ps:pull")] * send_parameters, sends)
 
     # -- evaluation, metrics, checkpoints ----------------------------------------------------------------
@@ -425,14 +426,14 @@ class ParameterServer(PolicyBase):
                              "another strategy or other servers")
         self.staleness = Counter({int(s): n for s, n in state["staleness"].items()})
         if self.mesh.is_server:
-            _write(self.shard, _flat(state["shard"]))
+            write_flat(self.shard, flatten(state["shard"]))
             optimizer.load_state_dict(state["optimizer"])
             self.version = int(state["version"])
         else:
             self.versions = [int(v) for v in state["versions"]]
 
 
-class _Replies:
+class PostedSends:
     """Posted sends and the tensors they read, kept alive until they complete."""
 
     def __init__(self, transfers: list, tensors: list) -> None:

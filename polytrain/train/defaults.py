@@ -145,11 +145,14 @@ def _check_mesh_schedule(shape: MeshShape, step_schedule: str) -> None:
 
 
 def _check_servers(exp: Experiment, shape: MeshShape, servers: int) -> None:
-    """Server ranks apply the optimizer to their shards: what needs the whole model in one place is refused."""
+    """Servers sit beside data-parallel CPU workers; where they apply the optimizer to their shards, what needs
+    the whole model in one place is refused."""
     _check(shape.world_size == shape.dp, f"strategy {exp.strategy} puts servers beside data-parallel workers; mesh "
                                          f"{shape.describe()} splits the model (use dp only)")
     _check(exp.device == "cpu", f"the servers of {exp.strategy} take messages from whichever worker is first, "
                                 f"which gloo does on CPU ranks and nccl does not; use --device cpu")
+    if not policy_args(exp.strategy, exp.strategy_args).servers_step:
+        return  # the workers step their own optimizers (easgd's center on servers)
     _check(exp.grad_clip is None or servers == 1,
            f"--grad-clip clips the norm of the whole gradient, but {servers} servers each see one shard; use "
            f"servers=1 or no clipping")

@@ -51,3 +51,7 @@ def test_bad_arguments_name_what_is_valid():
         policy_args("easgd", {"tau": 0})
     with pytest.raises(ValueError, match="beta = p alpha = 2 > 1.*use alpha <= 0.25"):
         policy_args("easgd", {"alpha": 0.5}).check_replicas(4)
+    with pytest.raises(ValueError, match="servers must be a whole number >= 0"):
+        policy_args("easgd", {"servers": -1})
+    with pytest.raises(ValueError, match="algorithm is the synchronous form's allreduce"):
+        policy_args("easgd", {"servers": 1, "algorithm": "ring"})

@@ -2,6 +2,8 @@
 and hierarchical, against one worker accumulating the same microbatches (so against allreduce, DESIGN.md
 section 8); counted bytes against the protocol's volume; the staleness bound of SSP; the asynchronous
 modes' accuracy against synchronous training on LeNet-5/mnist5k; resume in every mode; bad arguments.
+Asynchronous EASGD, whose center sits on a server rank, shares the battery: alpha = 0 against independent
+workers, its bytes, its accuracy and its resume.
 
 All runs share one spawn of 5 ranks (4 workers and a server, or 3 workers and 2 servers); the resumed runs
 share a second one.
@@ -30,8 +32,11 @@ SLOW_RANK = {"rank": 1, "slowdown": 3}
 # Test accuracy each stale run may lose to the synchronous one after 2 epochs. Measured (sync 0.924): async
 # 0.920 on an idle machine, 0.844 while the rest of the suite ran (staleness mean 2.9 pushes: asynchronous
 # runs depend on timing); SSP s=2 0.80 with a 3x slower worker (the fast workers' gradients are up to 2
-# whole steps old, while async's are fractions of a step: 4 pushes make one).
-BOUNDS = {"mnist async resumed": 0.15, "mnist ssp s=2": 0.25}
+# whole steps old, while async's are fractions of a step: 4 pushes make one); asynchronous EASGD 0.895 (the
+# center trails the replicas, each exchange moving it alpha = 0.225 of the way to one of them).
+BOUNDS = {"mnist async resumed": 0.15, "mnist ssp s=2": 0.25, "mnist easgd async": 0.1}
+# Asynchronous EASGD: the center on the server, every worker's elastic exchange every 4 of its steps.
+EASGD_ASYNC = {"servers": 1, "tau": 4}
 
 
 def runs() -> dict[str, Experiment]:
@@ -47,6 +52,9 @@ def runs() -> dict[str, Experiment]:
         "mnist sync": MNIST,
         "mnist ssp s=2": MNIST.replace(strategy_args={"mode": "ssp", "staleness": 2}),
         "mnist async cut": MNIST.replace(epochs=1, strategy_args={"mode": "async"}),
+        "easgd async alpha=0": DIGITS.replace(strategy="easgd", strategy_args={**EASGD_ASYNC, "alpha": 0.0}),
+        "mnist easgd async": MNIST.replace(strategy="easgd", strategy_args=EASGD_ASYNC),
+        "mnist easgd async cut": MNIST.replace(epochs=1, strategy="easgd", strategy_args=EASGD_ASYNC),
     }
 
 
@@ -56,17 +64,20 @@ def battery(tmp_path_factory):
     experiments = {key: exp.replace(out=str(directory / key.replace(" ", "_"))) for key, exp in runs().items()}
     results = dict(zip(experiments, train_sequence(list(experiments.values()))))
     resumed = {"sync resumed": experiments["sync cut"].replace(epochs=2, out=str(directory / "sync_resumed")),
-               "mnist async resumed": experiments["mnist async cut"].replace(epochs=2)}
-    cuts = [experiments["sync cut"].out, experiments["mnist async cut"].out]
+               "mnist async resumed": experiments["mnist async cut"].replace(epochs=2),
+               "mnist easgd async resumed": experiments["mnist easgd async cut"].replace(epochs=2)}
+    cuts = [experiments["sync cut"].out, experiments["mnist async cut"].out, experiments["mnist easgd async cut"].out]
     # The sync run resumes from a copy: its own directory stays the 1-epoch run it was.
     shutil.copytree(cuts[0], resumed["sync resumed"].out)
-    results.update(zip(resumed, train_sequence(list(resumed.values()), resume=[resumed["sync resumed"].out, cuts[1]])))
+    results.update(zip(resumed, train_sequence(list(resumed.values()), resume=[resumed["sync resumed"].out, *cuts[1:]])))
     out = {key: exp.out for key, exp in {**experiments, **resumed}.items()}
     references = {"4 microbatches": train(DIGITS.replace(workers=1, strategy="local", microbatches=4,
                                                         out=str(directory / "reference4"))),
                   "3 microbatches": train(DIGITS.replace(workers=1, strategy="local", microbatches=3,
                                                         out=str(directory / "reference3")))}
     out.update({key: str(directory / f"reference{key[0]}") for key in references})
+    # Independent workers: local SGD whose first average would come after the epoch (of 30 steps).
+    references["independent"] = train(DIGITS.replace(strategy="local_sgd", strategy_args={"period": 60}))
     return {**results, **references}, out
 
 
@@ -152,6 +163,46 @@ def test_a_resumed_asynchronous_run_continues_its_servers(battery):
     assert resumed.steps == 2 * cut.steps
     # Every push of both epochs is counted: the staleness histogram went on from the checkpoint's.
     assert resumed.comm["staleness"]["applied"] == 2 * cut.comm["staleness"]["applied"]
+
+
+def test_asynchronous_easgd_with_alpha_0_is_independent_workers(battery):
+    # The center never moves from the initial model, and no pull moves a replica: each worker trains alone,
+    # as local SGD does before its first average (its replicas' losses and spread, bit for bit).
+    results, out = battery
+    run, independent = results["easgd async alpha=0"], results["independent"]
+    for key in ("train_loss", "consensus_distance"):
+        assert run.epochs[0][key] == independent.epochs[0][key]
+    assert run.epochs[0]["consensus_distance"] > 0
+    from polytrain.models import build_model
+    torch.manual_seed(DIGITS.seed)
+    initial = build_model("lenet5", 10, (1, 8, 8)).state_dict()
+    assert max_difference(weights(out["easgd async alpha=0"]), initial) == 0
+
+
+def test_asynchronous_easgd_exchanges_with_the_server_every_tau_steps(battery):
+    results, _ = battery
+    result = results["mnist easgd async"]
+    exchanges, settles, n = result.steps // 4, 2, parameter_bytes(28)  # 20 exchanges; one settle per epoch
+    worker, server = result.comm["per_rank"][0]["by_operation"], result.comm["per_rank"][4]["by_operation"]
+    assert worker == {"easgd:header": (exchanges + settles) * 16, "easgd:push": exchanges * n,
+                      "easgd:pull": 0, "easgd:center": 0}
+    assert server == {"easgd:header": 0, "easgd:push": 0, "easgd:pull": 4 * exchanges * n,
+                      "easgd:center": 4 * settles * n}
+    assert (result.comm["alpha"], result.comm["beta"], result.comm["servers"]) == \
+        (pytest.approx(0.9 / 4), pytest.approx(0.9), 1)
+    assert result.epochs[-1]["consensus_distance"] > 0
+
+
+def test_a_resumed_asynchronous_easgd_run_continues_from_its_center(battery):
+    # Asynchronous, so not bit for bit (and the cut ended with its replicas at the center): the first epoch
+    # is the cut's, and the second trains on from it as far as the uninterrupted run (measured: cut 0.803,
+    # resumed 0.894, uninterrupted 0.895).
+    results, _ = battery
+    cut, resumed = results["mnist easgd async cut"], results["mnist easgd async resumed"]
+    straight = results["mnist easgd async"]
+    assert resumed.epochs[0]["test_accuracy"] == cut.epochs[0]["test_accuracy"]
+    assert resumed.steps == straight.steps
+    assert resumed.final_test_accuracy >= straight.final_test_accuracy - 0.05
 
 
 @pytest.mark.parametrize("args, message", [
