@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -43,14 +44,17 @@ class CommStats:
     # True once a backend collective (e.g. gloo's own allreduce) was used: polytrain cannot see its
     # traffic and counts it from the backend's algorithm, so the totals are partly estimates.
     estimated: bool = False
+    # A policy may receive on a thread of its own (adpsgd's passive ranks listen for requests).
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, axis: str, operation: str, sent: int, received: int, messages_sent: int,
             messages_received: int) -> None:
-        counts = self.counts.setdefault((axis, operation), _Counts())
-        counts.bytes_sent += sent
-        counts.bytes_received += received
-        counts.messages_sent += messages_sent
-        counts.messages_received += messages_received
+        with self.lock:
+            counts = self.counts.setdefault((axis, operation), _Counts())
+            counts.bytes_sent += sent
+            counts.bytes_received += received
+            counts.messages_sent += messages_sent
+            counts.messages_received += messages_received
 
     def clear(self) -> None:
         """Starts counting from zero, in place (every communicator sharing this object sees it)."""

@@ -27,7 +27,19 @@ Decisions where the paper leaves room:
   keep their own models), and every epoch row logs the consensus distance before that final average.
 - A checkpoint holds every replica's model and optimizer state: it resumes exactly at the same world size.
 
-The asynchronous pairwise variant (AD-PSGD, Lian et al., ICML 2018) is not built yet.
+`adpsgd:topology=...` is the asynchronous pairwise variant (AD-PSGD, Lian, Zhang, Zhang & Liu, ICML 2018):
+no step waits for all, and every averaging involves two replicas. As in the paper the graph is split into
+active ranks (even) and passive ranks (odd), and only edges between the two are used (the paper's
+bipartite condition, which rules out deadlocks). After each local step an active rank picks one of its
+passive neighbours at random (reproducibly: from its rank and step) and the two replace their models by
+their mean, x_i = x_j <- (x_i + x_j) / 2, one model each way (`adpsgd:<topology>`, with a 16-byte request,
+`adpsgd:header`). A passive rank never waits for a partner: a thread of its own takes the requests as they
+come, and it answers them between its own steps (where the paper answers from a communication thread,
+during them; here the model is never read half-updated). Pairwise averages keep the sum of the models, so
+the replicas' mean moves exactly as the mean of their SGD updates, on whoever's clock. Epoch ends and
+checkpoints are synchronization points: every active rank tells its partners it is done (`settle`) and each
+passive rank answers every request before it. Evaluation, the final average and checkpoints are those of
+D-PSGD above.
 """
 
 from __future__ import annotations
@@ -35,12 +47,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from polytrain.comm.communicator import CommError
 from polytrain.comm.mesh import Mesh
 from polytrain.registry import Registry
 from polytrain.strategies import STRATEGIES, PolicyBase, Update
@@ -187,3 +203,151 @@ class Gossip(PolicyBase):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         self.mixed_since_average = bool(state["mixed_since_average"])
+
+
+def bipartite_neighbours(topology: str, rank: int, p: int) -> list[int]:
+    """AD-PSGD's partners of `rank`: its neighbours in `topology` of the other parity (active ranks are even,
+    passive ones odd)."""
+    return sorted(j for j in TOPOLOGIES.get(topology)(rank, p) if j % 2 != rank % 2)
+
+
+# A request's header: [kind, the active rank's step].
+REQUEST, DONE = 0.0, 1.0
+
+
+@STRATEGIES.register("adpsgd")
+class ADPSGD(Gossip):
+    """AD-PSGD: a local step, then an active rank averages its model with one passive neighbour's, without
+    waiting for anyone else (see the module docstring)."""
+
+    def __init__(self, mesh: Mesh, args: GossipArgs, compressor: None = None) -> None:
+        if mesh.dp is None or mesh.dp.world_size != mesh.world_size:
+            raise ValueError("adpsgd needs at least 2 workers, every rank a data-parallel replica")
+        super().__init__(mesh, args)
+        p, rank = self.comm.world_size, self.comm.rank
+        lonely = [r for r in range(p) if not bipartite_neighbours(args.topology, r, p)]
+        if lonely:
+            raise ValueError(f"adpsgd pairs even (active) with odd (passive) ranks along the topology's edges; "
+                             f"in topology {args.topology} at {p} workers rank {lonely[0]} has no neighbour of the "
+                             f"other parity (use ring or complete)")
+        self.partners = bipartite_neighbours(args.topology, rank, p)
+        self.active = rank % 2 == 0
+        ranks = list(range(p)) if self.comm.group is None else dist.get_process_group_ranks(self.comm.group)
+        # Requests and models on groups of their own: a passive rank's receive from any rank must meet
+        # nothing but requests.
+        self.requests = self.comm.sibling(self.comm.axis, dist.new_group(ranks))
+        self.models = self.comm.sibling(self.comm.axis, dist.new_group(ranks))
+        self.operation = f"adpsgd:{args.topology}"
+        self.exchanges = 0
+        self.settled = True  # nothing in flight: no step since the last synchronization point
+        self.listener: threading.Thread | None = None
+        self.incoming: queue.Queue = queue.Queue()
+        self.done = 0  # a passive rank's partners that reached the synchronization point
+
+    def step(self, model: nn.Module, update: Update, global_step: int) -> None:
+        local_gradients(model, self.comm.world_size)
+        update()
+        self.settled = False
+        self.mixed_since_average = True  # the replicas differ by their local steps
+        if self.active:
+            choice = torch.randint(len(self.partners), (1,),
+                                   generator=torch.Generator().manual_seed(self.comm.rank * 1_000_003 + global_step))
+            partner = self.partners[int(choice)]
+            self.requests.send(torch.tensor([REQUEST, global_step], dtype=torch.float64), partner, "adpsgd:header")
+            self.average_with(partner)
+        else:
+            self.answer(wait=False)
+
+    def average_with(self, partner: int) -> None:
+        """x <- (x + x_partner) / 2, one model each way; both ranks compute the same mean."""
+        with torch.no_grad():
+            own = torch.cat([t.reshape(-1) for t in self.mixed])
+            theirs = self.models.scratch("adpsgd", own.numel(), own.dtype)
+            self.models.exchange([(own, partner)], [(theirs, partner)], self.operation)
+            mean = own.add_(theirs).mul_(0.5)
+            for tensor, part in zip(self.mixed, mean.split([t.numel() for t in self.mixed])):
+                tensor.copy_(part.view_as(tensor))
+        self.exchanges += 1
+
+    # -- a passive rank's side ---------------------------------------------------------------------------
+
+    def listen(self) -> None:
+        """The listener thread: every request of the epoch into `incoming`, until each partner is done."""
+        header = torch.empty(2, dtype=torch.float64)
+        done = 0
+        try:
+            while done < len(self.partners):
+                source = self.requests.recv_any(header, "adpsgd:header")
+                done += header[0].item() == DONE
+                self.incoming.put((source, header[0].item()))
+        except Exception as error:  # handed to the training thread, which raises it
+            self.incoming.put(error)
+
+    def answer(self, wait: bool) -> None:
+        """Averages with every partner whose request came (wait: until every partner is done)."""
+        if self.listener is None and self.done < len(self.partners):
+            self.listener = threading.Thread(target=self.listen, name="adpsgd-listener", daemon=True)
+            self.listener.start()
+        timeout = self.requests.timeout.total_seconds()
+        while self.done < len(self.partners):
+            try:
+                item = self.incoming.get(block=wait, timeout=timeout if wait else None)
+            except queue.Empty:
+                if wait:
+                    raise CommError(f"rank {self.comm.rank}: no adpsgd request from its partners in "
+                                    f"{timeout:.0f} s") from None
+                return
+            if isinstance(item, Exception):
+                raise item
+            source, kind = item
+            if kind == DONE:
+                self.done += 1
+            else:
+                self.average_with(source)
+        if self.listener is not None:
+            self.listener.join()
+            self.listener = None
+
+    # -- synchronization points --------------------------------------------------------------------------
+
+    def settle(self, model: nn.Module, update: Update, global_step: int) -> None:
+        self.complete_pairs()
+
+    def complete_pairs(self) -> None:
+        """A synchronization point: the active ranks tell their partners they are done, the passive ranks
+        answer every request before their partners' last. Also before evaluating, the final average and
+        checkpoints, so that a hand-written loop needs no call of its own."""
+        if self.settled:
+            return
+        if self.active:
+            done = torch.tensor([DONE, -1], dtype=torch.float64)
+            self.requests.exchange([(done, partner) for partner in self.partners], [], "adpsgd:header")
+        else:
+            self.answer(wait=True)
+            self.done = 0
+        self.settled = True
+
+    def finish(self, model: nn.Module) -> None:
+        self.complete_pairs()
+        super().finish(model)
+
+    @contextlib.contextmanager
+    def evaluation_model(self, model: nn.Module) -> Iterator[nn.Module]:
+        self.complete_pairs()
+        with super().evaluation_model(model) as evaluated:
+            yield evaluated
+
+    def epoch_metrics(self, model: nn.Module) -> dict:
+        self.complete_pairs()
+        return super().epoch_metrics(model)
+
+    def report(self) -> dict:
+        return {"topology": self.args.topology, "partners": len(self.partners), "exchanges": self.exchanges}
+
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        self.complete_pairs()
+        return {**super().state_dict(model, optimizer), "exchanges": self.exchanges}
+
+    def load_state_dict(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        super().load_state_dict(state, model, optimizer)
+        self.exchanges = int(state.get("exchanges", 0))
