@@ -215,21 +215,33 @@ def bipartite_neighbours(topology: str, rank: int, p: int) -> list[int]:
 REQUEST, DONE = 0.0, 1.0
 
 
+@dataclass(frozen=True)
+class ADPSGDArgs(GossipArgs):
+    """Arguments of `adpsgd`: those of `gossip`."""
+
+    receives_from_any_rank = True  # a passive rank takes requests from whichever partner is first
+
+    def check_replicas(self, replicas: int) -> None:
+        lonely = [r for r in range(replicas) if not bipartite_neighbours(self.topology, r, replicas)]
+        if lonely:
+            raise ValueError(f"adpsgd pairs even (active) with odd (passive) ranks along the topology's edges; "
+                             f"in topology {self.topology} at {replicas} workers rank {lonely[0]} has no "
+                             f"neighbour of the other parity (use ring or complete)")
+
+
 @STRATEGIES.register("adpsgd")
 class ADPSGD(Gossip):
     """AD-PSGD: a local step, then an active rank averages its model with one passive neighbour's, without
     waiting for anyone else (see the module docstring)."""
 
-    def __init__(self, mesh: Mesh, args: GossipArgs, compressor: None = None) -> None:
+    Args = ADPSGDArgs
+
+    def __init__(self, mesh: Mesh, args: ADPSGDArgs, compressor: None = None) -> None:
         if mesh.dp is None or mesh.dp.world_size != mesh.world_size:
             raise ValueError("adpsgd needs at least 2 workers, every rank a data-parallel replica")
         super().__init__(mesh, args)
         p, rank = self.comm.world_size, self.comm.rank
-        lonely = [r for r in range(p) if not bipartite_neighbours(args.topology, r, p)]
-        if lonely:
-            raise ValueError(f"adpsgd pairs even (active) with odd (passive) ranks along the topology's edges; "
-                             f"in topology {args.topology} at {p} workers rank {lonely[0]} has no neighbour of the "
-                             f"other parity (use ring or complete)")
+        args.check_replicas(p)
         self.partners = bipartite_neighbours(args.topology, rank, p)
         self.active = rank % 2 == 0
         ranks = list(range(p)) if self.comm.group is None else dist.get_process_group_ranks(self.comm.group)

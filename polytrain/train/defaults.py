@@ -197,6 +197,9 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
     _check(straggler is None, straggler or "")
     if hasattr(strategy_args, "check_replicas"):
         strategy_args.check_replicas(replicas)
+    _check(not getattr(strategy_args, "receives_from_any_rank", False) or exp.device == "cpu",
+           f"strategy {exp.strategy} receives from whichever rank is first, which gloo does on CPU ranks and nccl "
+           f"does not; use --device cpu")
     servers = server_ranks(exp.strategy, exp.strategy_args)
     if servers:
         _check_servers(exp, shape, servers)

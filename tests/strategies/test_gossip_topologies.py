@@ -42,6 +42,14 @@ def test_ring_of_four_has_the_spectral_gap_of_its_eigenvalues():
     assert spectral_gap(mixing_matrix("ring", 4)) == pytest.approx(2 / 3)
 
 
+def test_adpsgd_pairs_active_even_ranks_with_passive_odd_neighbours():
+    from polytrain.strategies.gossip import bipartite_neighbours
+    assert [bipartite_neighbours("ring", r, 4) for r in range(4)] == [[1, 3], [0, 2], [1, 3], [0, 2]]
+    assert bipartite_neighbours("ring", 4, 5) == [3]  # 4's other neighbour, 0, is even
+    assert bipartite_neighbours("exponential", 0, 8) == [1, 7]  # +-2 and 4 join even ranks
+    assert bipartite_neighbours("complete", 1, 6) == [0, 2, 4]
+
+
 def test_bad_arguments_name_what_is_valid():
     with pytest.raises(ValueError, match="unknown topology 'star'; available: .*complete.*exponential.*ring.*torus"):
         policy_args("gossip", {"topology": "star"})
@@ -51,7 +59,17 @@ def test_bad_arguments_name_what_is_valid():
         policy_args("easgd", {"tau": 0})
     with pytest.raises(ValueError, match="beta = p alpha = 2 > 1.*use alpha <= 0.25"):
         policy_args("easgd", {"alpha": 0.5}).check_replicas(4)
+    with pytest.raises(ValueError, match="unknown topology 'star'"):
+        policy_args("adpsgd", {"topology": "star"})
     with pytest.raises(ValueError, match="servers must be a whole number >= 0"):
         policy_args("easgd", {"servers": -1})
     with pytest.raises(ValueError, match="algorithm is the synchronous form's allreduce"):
         policy_args("easgd", {"servers": 1, "algorithm": "ring"})
+
+
+def test_adpsgd_is_refused_on_gpus_before_any_worker_starts():
+    from polytrain.config import ConfigError, Experiment
+    from polytrain.train.defaults import resolve, validate
+    exp = resolve(Experiment(model="lenet5", dataset="digits", workers=4, batch_size=48, strategy="adpsgd"))
+    with pytest.raises(ConfigError, match="strategy adpsgd receives from whichever rank is first.*use --device cpu"):
+        validate(exp.replace(device="cuda"))
