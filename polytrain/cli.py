@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cost_flags(commands.add_parser("cost", help="parameters, arithmetic, memory, work and depth of a model"))
     _add_cluster_flags(commands.add_parser("cluster", help="run a command on emulated hosts with limited "
                                                            "bandwidth (network namespaces; root)"))
+    ensemble = commands.add_parser("ensemble", help="train K models in parallel, one per group of workers, judge "
+                                                    "them together and distill them into one")
+    _add_train_flags(ensemble)
+    ensemble.add_argument("--members", type=int, required=True, help="models, each on workers / K of the workers")
+    ensemble.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T (default 2)")
+    ensemble.add_argument("--soft-weight", type=float, default=0.5,
+                          help="weight of the soft targets' term in the student's loss (default 0.5)")
+    ensemble.add_argument("--student-model", default=None, help="the student's model (default: the members')")
+    ensemble.add_argument("--no-distill", action="store_true", help="train and judge the members only")
     add_run_parser(commands)
     return parser
 
@@ -157,6 +166,25 @@ def command_train(args: argparse.Namespace) -> int:
         judged = f"final test {result.metric} {result.final_test_metric:.4g} (best {result.best_test_metric:.4g})"
     print(f"{judged}, {result.wall_s:.1f} s, {result.samples_per_s:.0f} samples/s"
           + (f"; results in {exp.out}" if exp.out else ""))
+    return 0
+
+
+def command_ensemble(args: argparse.Namespace) -> int:
+    from polytrain.train.ensemble import train_ensemble
+
+    if args.resume:
+        raise ValueError("an ensemble cannot be resumed; each member's run can (polytrain train --resume DIR)")
+    exp = apply_overrides(Experiment(), overrides_from_args(args))
+    result = train_ensemble(exp, members=args.members, distill=not args.no_distill, temperature=args.temperature,
+                            soft_weight=args.soft_weight, student_model=args.student_model)
+    for i, accuracy in enumerate(result.member_accuracy):
+        print(f"member {i} (seed {result.members[i].config['seed']}): test accuracy {100 * accuracy:.2f}%")
+    print(f"ensemble of {len(result.members)}: test accuracy {100 * result.ensemble_accuracy:.2f}%")
+    if result.student is not None:
+        print(f"student ({result.student.config['model']}, distilled at T={args.temperature:g}): "
+              f"test accuracy {100 * result.student.final_test_metric:.2f}%")
+    if exp.out:
+        print(f"results in {exp.out}/ensemble.json")
     return 0
 
 
@@ -244,7 +272,7 @@ def command_cluster(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": command_train, "list": command_list, "demo": command_demo, "bench": command_bench,
-            "cost": command_cost, "cluster": command_cluster, "run": command_run}
+            "cost": command_cost, "cluster": command_cluster, "run": command_run, "ensemble": command_ensemble}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
