@@ -131,9 +131,14 @@ def print_tables(rows: dict[tuple[str, bool], list[dict]], target: float) -> Non
         fast, slow = rows[(name, False)], rows[(name, True)]
         kept = median_ci([s["samples_per_s"] / f["samples_per_s"] for f, s in zip(fast, slow)])
         print(f"| {name} | {_median(fast, 'samples_per_s'):.0f} | {_median(slow, 'samples_per_s'):.0f} | "
-              f"{kept.median:.2f} [{kept.low:.2f}, {kept.high:.2f}] | {_median(fast, 'time_to_target_s')} | "
-              f"{_median(slow, 'time_to_target_s')} | {_median(fast, 'final_test_accuracy'):.3f} | "
-              f"{_median(slow, 'final_test_accuracy'):.3f} | {_median(slow, 'staleness')} |")
+              f"{kept.median:.2f} [{kept.low:.2f}, {kept.high:.2f}] | {_reached(fast)} | {_reached(slow)} | "
+              f"{_median(fast, 'final_test_accuracy'):.3f} | {_median(slow, 'final_test_accuracy'):.3f} | "
+              f"{_median(slow, 'staleness') if slow[0]['staleness'] is not None else '–'} |")
+
+
+def _reached(rows: list[dict]) -> str:
+    missed = sum(row["time_to_target_s"] is None for row in rows)
+    return f"not reached in {missed} of {len(rows)} seeds" if missed else f"{_median(rows, 'time_to_target_s')}"
 
 
 def _median(rows: list[dict], key: str):
