@@ -125,8 +125,9 @@ class Accumulate:
     """
 
     name = "accumulate"
-    # The mesh axes this schedule splits the model over: none.
-    splits: tuple[str, ...] = ()
+    # The mesh axes the model may be split over: tp (the split layers communicate inside the forward and
+    # backward passes, polytrain.parallel.tensor); pp needs a pipeline schedule.
+    splits: tuple[str, ...] = ("tp",)
 
     def actions(self, num_microbatches: int, stage: int = 0) -> list[Action]:
         return [Action(op, i, stage) for i in range(num_microbatches) for op in ("forward", "backward")]

@@ -167,8 +167,8 @@ class Local(PolicyBase):
     parallel = False
 
     def __init__(self, mesh: Mesh, args: NoArgs, compressor: None = None) -> None:
-        if mesh.world_size > 1:
-            raise ValueError(f"strategy local runs one worker; got {mesh.world_size} ranks")
+        if mesh.dp_size > 1:
+            raise ValueError(f"strategy local runs one replica; got {mesh.dp_size} data-parallel replicas")
 
     def step(self, model: nn.Module, update: Update, global_step: int) -> None:
         update()

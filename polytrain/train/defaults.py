@@ -106,7 +106,7 @@ def resolve(exp: Experiment, *, own: tuple[str, ...] = ()) -> Experiment:
     changes.update(workers=workers, mesh=shape.sizes(), device=resolve_device(exp.device),
                    task=exp.task or dataset_task(exp))
     if exp.strategy is None:
-        changes["strategy"] = "local" if workers == 1 else "allreduce"
+        changes["strategy"] = "local" if shape.dp == 1 else "allreduce"
     if exp.threads is None:  # every rank's share of the cores, servers' included
         strategy = changes.get("strategy", exp.strategy)
         changes["threads"] = max(1, (os.cpu_count() or 1) // (workers + server_ranks(strategy, exp.strategy_args)))
@@ -138,10 +138,10 @@ def _check_mesh_schedule(shape: MeshShape, step_schedule: str) -> None:
     splits = STEP_SCHEDULES.get(step_schedule).splits
     for axis in ("pp", "tp"):
         if getattr(shape, axis) > 1 and axis not in splits:
-            whole = [name for name in STEP_SCHEDULES.names() if not STEP_SCHEDULES.get(name).splits]
+            able = [name for name in STEP_SCHEDULES.names() if axis in STEP_SCHEDULES.get(name).splits]
             raise ConfigError(f"mesh {shape.describe()} splits the model over {axis}, but step schedule "
-                              f"{step_schedule} runs the whole model on every rank (schedules that split "
-                              f"none: {', '.join(whole)}; set {axis}=1)")
+                              f"{step_schedule} does not split it over {axis} (schedules that do: "
+                              f"{', '.join(able) or 'none yet'}; set {axis}=1)")
 
 
 def _check_servers(exp: Experiment, shape: MeshShape, servers: int) -> None:
@@ -193,6 +193,9 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
            f"(strategies: {', '.join(STRATEGIES.names())})")
     _check(replicas > 1 or not parallel,
            f"strategy {exp.strategy} needs at least 2 data-parallel replicas; mesh {shape.describe()} has 1")
+    _check(exp.grad_clip is None or shape.tp == 1,
+           f"--grad-clip clips the norm of the whole gradient, but with tp {shape.tp} each rank holds a shard of "
+           f"the split layers; use tp=1 or no clipping")
     straggler = straggler_error(exp.straggler, exp.workers)
     _check(straggler is None, straggler or "")
     if hasattr(strategy_args, "check_replicas"):

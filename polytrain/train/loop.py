@@ -394,9 +394,10 @@ class Trainer:
         result = Result.from_history(self.exp, self.position.history, comm=self.comm_section(self.position.global_step),
                                      steps=self.position.global_step, data=self.data.describe(), task=self.task,
                                      environment=environment(self.exp.seed))
+        model_state = self.session.model_state_dict()  # collective with tp
         if self.out is not None and self.rank == 0:
             buffer = io.BytesIO()
-            torch.save(self.model.state_dict(), buffer)
+            torch.save(model_state, buffer)
             atomic_write_bytes(self.out / "model.pt", buffer.getvalue())
             atomic_write_json(self.out / "result.json", result.to_dict())
         return result

@@ -36,6 +36,7 @@ from polytrain.comm.mesh import Mesh, MeshShape
 from polytrain.config import ConfigError, parse_named
 from polytrain.data.sampler import ShardedBatchSampler
 from polytrain.launch import init_from_torchrun, under_torchrun
+from polytrain.parallel.tensor import full_state_dict, load_full_state_dict, split_model
 from polytrain.strategies import STRATEGIES, UpdatePolicy, build_policy, server_ranks
 from polytrain.strategies.averaging import sum_over
 from polytrain.train.amp import MixedPrecision
@@ -131,8 +132,19 @@ class Session:
             if notice is not None and self.rank == 0:
                 print(f"polytrain: {notice}", file=sys.stderr)
         self.policy = build_policy(self.strategy, self.mesh, self.strategy_args, compressor)
+        if self.tp is not None:  # the same Parameter objects keep only their shards: the optimizer still holds them
+            split_model(model, self.tp)
         self.model, self.optimizer = self.policy.prepare(model, optimizer), optimizer
         return self.model, optimizer
+
+    @property
+    def tp(self) -> Communicator | None:
+        """The tensor-parallel communicator (None without a tp axis above 1)."""
+        return self.mesh.comms.get("tp")
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state (collective with tp: the split layers are gathered, as bookkeeping)."""
+        return full_state_dict(self.model, self.tp) if self.tp is not None else self.model.state_dict()
 
     def _ready(self) -> UpdatePolicy:
         if self.policy is None:
@@ -213,6 +225,8 @@ class Session:
         """Sums per-replica numbers (metrics) over the dp replicas, in one transfer counted as bookkeeping."""
         names = list(values)
         tensor = torch.tensor([float(values[name]) for name in names], dtype=torch.float64, device=self.device)
+        if self.tp is not None and self.tp.rank != 0:
+            tensor.zero_()  # the ranks of a tp group computed the same replica's numbers: counted once
         return dict(zip(names, sum_over(self.mesh.bookkeeping, tensor).tolist()))
 
     def evaluation_model(self) -> contextlib.AbstractContextManager[nn.Module]:
@@ -243,9 +257,12 @@ class Session:
         self._ready()
         part = {"policy": self.policy.state_dict(self.model, self.optimizer), "rng": rng_state(),
                 **(rank_extra or {})}
+        if self.tp is not None:  # every rank's optimizer state is that of its shards
+            part["optimizer"] = self.optimizer.state_dict()
+        model_state = self.model_state_dict()
         parts = gather_objects(self.mesh.bookkeeping, part) if self.mesh.bookkeeping is not None else [part]
         if self.rank == 0:
-            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            state = {"model": model_state, "optimizer": self.optimizer.state_dict(),
                      "amp": self.precision.state_dict(), "global_step": self.global_step, "strategy": self.strategy,
                      "ranks": parts, **(extra or {})}
             save_checkpoint(path, state)
@@ -267,8 +284,12 @@ class Session:
             error = reshard_error(parts, self.strategy, self.world_size)
             if error is not None:
                 raise CheckpointError(error)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.tp is not None:
+            load_full_state_dict(self.model, state["model"])
+            self.optimizer.load_state_dict(self.rank_part(parts)["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["amp"])
         self.policy.load_state_dict(self.rank_part(parts)["policy"], self.model, self.optimizer)
         self.global_step = state["global_step"]
