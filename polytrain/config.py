@@ -44,6 +44,8 @@ class Experiment:
             all ranks data-parallel).
         step_schedule: how one replica computes the forward and backward passes of a step
             (polytrain.schedules).
+        tp_plan: which layers a tp axis above 1 splits: linear (pairs of linear layers, Megatron) or
+            conv+linear (convolutions by filters and input channels too; polytrain.parallel.tensor).
         strategy: the update policy, how replicas stay consistent (None: local for one worker, allreduce
             for more).
         strategy_args: arguments of the strategy.
@@ -95,6 +97,7 @@ class Experiment:
     workers: int | None = None
     mesh: dict = field(default_factory=dict)
     step_schedule: str = "accumulate"
+    tp_plan: str = "linear"
     strategy: str | None = None
     strategy_args: dict = field(default_factory=dict)
     device: str = "auto"

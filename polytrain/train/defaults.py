@@ -19,6 +19,7 @@ from polytrain.models import MODELS
 from polytrain.ops.precision import ROUNDING_MODES, parse_format
 from polytrain.plugins import load_plugins
 from polytrain.schedules import STEP_SCHEDULES
+from polytrain.parallel.tensor import TP_PLANS
 from polytrain.strategies import STRATEGIES, policy_args, server_ranks
 from polytrain.tasks import ACCURACY, TASKS
 from polytrain.train.compression import check_compression_plan
@@ -193,6 +194,7 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
            f"(strategies: {', '.join(STRATEGIES.names())})")
     _check(replicas > 1 or not parallel,
            f"strategy {exp.strategy} needs at least 2 data-parallel replicas; mesh {shape.describe()} has 1")
+    _check(exp.tp_plan in TP_PLANS, f"unknown tp plan '{exp.tp_plan}'; available: {', '.join(TP_PLANS)}")
     _check(exp.grad_clip is None or shape.tp == 1,
            f"--grad-clip clips the norm of the whole gradient, but with tp {shape.tp} each rank holds a shard of "
            f"the split layers; use tp=1 or no clipping")

@@ -144,7 +144,8 @@ class Trainer:
         torch.set_flush_denormal(True)
         self.session = Session(comm, strategy=exp.strategy, strategy_args=exp.strategy_args,
                                compressor=exp.compressor, compressor_args=exp.compressor_args, mesh=exp.mesh,
-                               device=exp.device, amp=exp.amp, grad_clip=exp.grad_clip, seed=exp.seed)
+                               device=exp.device, amp=exp.amp, grad_clip=exp.grad_clip, seed=exp.seed,
+                               tp_plan=exp.tp_plan)
         self.device, self.mesh, self.rank = self.session.device, self.session.mesh, self.session.rank
         self.data = load_run_data(exp, own.data)
         self.task = own.task or TASKS.get(exp.task)

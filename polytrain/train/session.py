@@ -75,11 +75,13 @@ class Session:
         amp: none, bf16 or fp16.
         grad_clip: clip the global gradient norm to this before each optimizer step.
         seed: seed of the sampler's per-epoch permutations.
+        tp_plan: the layers a tp axis above 1 splits (polytrain.parallel.tensor.TP_PLANS).
     """
 
     def __init__(self, comm: Communicator | None, *, strategy: str | None = None, strategy_args: Mapping | None = None,
                  compressor: str | None = None, compressor_args: Mapping | None = None, mesh: Mapping | None = None,
-                 device: str = "cpu", amp: str = "none", grad_clip: float | None = None, seed: int = 0) -> None:
+                 device: str = "cpu", amp: str = "none", grad_clip: float | None = None, seed: int = 0,
+                 tp_plan: str = "linear") -> None:
         self.device = rank_device(device, comm)
         if comm is not None:
             comm.device = self.device
@@ -96,6 +98,7 @@ class Session:
         self.precision = MixedPrecision(amp, self.device)
         self.grad_clip = grad_clip
         self.seed = seed
+        self.tp_plan = tp_plan
         self.policy: UpdatePolicy | None = None
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -133,7 +136,7 @@ class Session:
                 print(f"polytrain: {notice}", file=sys.stderr)
         self.policy = build_policy(self.strategy, self.mesh, self.strategy_args, compressor)
         if self.tp is not None:  # the same Parameter objects keep only their shards: the optimizer still holds them
-            split_model(model, self.tp)
+            split_model(model, self.tp, self.tp_plan)
         self.model, self.optimizer = self.policy.prepare(model, optimizer), optimizer
         return self.model, optimizer
 
