@@ -7,7 +7,8 @@ performance model can simulate the same list. The per-microbatch forward and bac
 written once, in `run_actions`.
 
 `accumulate` is the schedule of a whole model on every rank: forward and backward of each microbatch in
-turn, gradients accumulating (today's microbatching; one microbatch is the plain step).
+turn, gradients accumulating (today's microbatching; one microbatch is the plain step). The pipeline
+schedules `gpipe` and `1f1b` (schedules/pipeline.py) run a model cut into stages over the pp axis.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class StepSchedule(Protocol):
 
     name: str
 
-    def actions(self, num_microbatches: int, stage: int = 0) -> list[Action]: ...
+    def actions(self, num_microbatches: int, stage: int = 0, stages: int = 1) -> list[Action]: ...
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_microbatches: int,
             context: StepContext) -> StepOutput: ...
@@ -129,7 +130,7 @@ class Accumulate:
     # backward passes, polytrain.parallel.tensor); pp needs a pipeline schedule.
     splits: tuple[str, ...] = ("tp",)
 
-    def actions(self, num_microbatches: int, stage: int = 0) -> list[Action]:
+    def actions(self, num_microbatches: int, stage: int = 0, stages: int = 1) -> list[Action]:
         return [Action(op, i, stage) for i in range(num_microbatches) for op in ("forward", "backward")]
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_microbatches: int,
@@ -147,3 +148,7 @@ def local_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatches:
 
 __all__ = ["STEP_SCHEDULES", "Action", "StepContext", "StepOutput", "StepSchedule", "Accumulate", "run_actions",
            "local_step"]
+
+
+# Registers the pipeline schedules (gpipe, 1f1b).
+from polytrain.schedules import pipeline  # noqa: E402,F401

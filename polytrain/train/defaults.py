@@ -194,6 +194,11 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
            f"(strategies: {', '.join(STRATEGIES.names())})")
     _check(replicas > 1 or not parallel,
            f"strategy {exp.strategy} needs at least 2 data-parallel replicas; mesh {shape.describe()} has 1")
+    _check(exp.grad_clip is None or shape.pp == 1,
+           f"--grad-clip clips the norm of the whole gradient, but with pp {shape.pp} each rank holds one stage; "
+           f"use pp=1 or no clipping")
+    _check(exp.amp != "fp16" or shape.pp == 1, f"amp fp16 scales the loss on the last of pp {shape.pp} stages "
+                                               f"and unscales on every one; use amp bf16 or none")
     _check(exp.tp_plan in TP_PLANS, f"unknown tp plan '{exp.tp_plan}'; available: {', '.join(TP_PLANS)}")
     _check(exp.grad_clip is None or shape.tp == 1,
            f"--grad-clip clips the norm of the whole gradient, but with tp {shape.tp} each rank holds a shard of "

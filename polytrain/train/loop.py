@@ -155,7 +155,7 @@ class Trainer:
         quantize_parameters_(model, self.number_format, "nearest")  # stored in the format from step 0
         optimizer = build_optimizer(exp.optimizer, model.parameters(), lr=exp.lr, weight_decay=exp.weight_decay,
                                     args=exp.optimizer_args)
-        self.model, self.optimizer = self.session.setup(model, optimizer)
+        self.model, self.optimizer = self.session.setup(model, optimizer, input_shape=self.data.in_shape)
         self.policy = self.session.policy
         self.schedule: Schedule = build_schedule(exp.schedule, exp.schedule_args, lr=exp.lr, epochs=exp.epochs,
                                                  batch_size=exp.batch_size, warmup_epochs=exp.warmup_epochs,

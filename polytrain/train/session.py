@@ -36,6 +36,8 @@ from polytrain.comm.mesh import Mesh, MeshShape
 from polytrain.config import ConfigError, parse_named
 from polytrain.data.sampler import ShardedBatchSampler
 from polytrain.launch import init_from_torchrun, under_torchrun
+from polytrain.parallel.pipeline import PipelineStage
+from polytrain.parallel.pipeline import full_state_dict as pipeline_state_dict
 from polytrain.parallel.tensor import full_state_dict, load_full_state_dict, split_model
 from polytrain.strategies import STRATEGIES, UpdatePolicy, build_policy, server_ranks
 from polytrain.strategies.averaging import sum_over
@@ -116,12 +118,15 @@ class Session:
 
     # -- setting up ----------------------------------------------------------------------------------------
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+              input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Moves `model` to this rank's device and prepares it and `optimizer` for the update policy.
 
         The optimizer must have been built over `model`'s parameters (moving the model keeps them). With an
         error-feedback compressor, a momentum optimizer's momentum moves in front of the compressor
-        (polytrain.train.compression; a notice says so on rank 0).
+        (polytrain.train.compression; a notice says so on rank 0). With a tp axis the model's layers are
+        split (polytrain.parallel.tensor); with a pp axis it is cut into stages and this rank's stage is the
+        model returned (polytrain.parallel.pipeline; `input_shape`, one sample's, is then needed).
         """
         if self.policy is not None:
             raise RuntimeError("Session.setup was called twice; a session trains one model")
@@ -137,6 +142,11 @@ class Session:
         self.policy = build_policy(self.strategy, self.mesh, self.strategy_args, compressor)
         if self.tp is not None:  # the same Parameter objects keep only their shards: the optimizer still holds them
             split_model(model, self.tp, self.tp_plan)
+        if self.pp is not None:  # the optimizer holds every stage's parameters; only this stage's get gradients
+            if input_shape is None:
+                raise ConfigError("a pipeline needs the shape of one input sample to cut the model: "
+                                  "session.setup(model, optimizer, input_shape=...)")
+            model = PipelineStage(model, self.pp, tuple(input_shape))
         self.model, self.optimizer = self.policy.prepare(model, optimizer), optimizer
         return self.model, optimizer
 
@@ -145,8 +155,21 @@ class Session:
         """The tensor-parallel communicator (None without a tp axis above 1)."""
         return self.mesh.comms.get("tp")
 
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's state (collective with tp: the split layers are gathered, as bookkeeping)."""
+    @property
+    def pp(self) -> Communicator | None:
+        """The pipeline communicator (None without a pp axis above 1)."""
+        return self.mesh.comms.get("pp")
+
+    @property
+    def counts_metrics(self) -> bool:
+        """Whether this rank's loss and metric sums count: one rank per replica (tp rank 0, the last stage)."""
+        return (self.tp is None or self.tp.rank == 0) and (self.pp is None or self.pp.rank == self.pp.world_size - 1)
+
+    def model_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's state (collective with tp and pp: split layers and stages are gathered, as
+        bookkeeping; with pp only the first stage's ranks get it, None elsewhere)."""
+        if self.pp is not None:
+            return pipeline_state_dict(self.model)
         return full_state_dict(self.model, self.tp) if self.tp is not None else self.model.state_dict()
 
     def _ready(self) -> UpdatePolicy:
@@ -228,8 +251,8 @@ class Session:
         """Sums per-replica numbers (metrics) over the dp replicas, in one transfer counted as bookkeeping."""
         names = list(values)
         tensor = torch.tensor([float(values[name]) for name in names], dtype=torch.float64, device=self.device)
-        if self.tp is not None and self.tp.rank != 0:
-            tensor.zero_()  # the ranks of a tp group computed the same replica's numbers: counted once
+        if not self.counts_metrics:
+            tensor.zero_()  # one rank per replica counts: a tp group's ranks computed the same numbers
         return dict(zip(names, sum_over(self.mesh.bookkeeping, tensor).tolist()))
 
     def evaluation_model(self) -> contextlib.AbstractContextManager[nn.Module]:
@@ -260,7 +283,7 @@ class Session:
         self._ready()
         part = {"policy": self.policy.state_dict(self.model, self.optimizer), "rng": rng_state(),
                 **(rank_extra or {})}
-        if self.tp is not None:  # every rank's optimizer state is that of its shards
+        if self.tp is not None or self.pp is not None:  # every rank's optimizer state is that of its part
             part["optimizer"] = self.optimizer.state_dict()
         model_state = self.model_state_dict()
         parts = gather_objects(self.mesh.bookkeeping, part) if self.mesh.bookkeeping is not None else [part]
@@ -287,8 +310,11 @@ class Session:
             error = reshard_error(parts, self.strategy, self.world_size)
             if error is not None:
                 raise CheckpointError(error)
-        if self.tp is not None:
-            load_full_state_dict(self.model, state["model"])
+        if self.tp is not None or self.pp is not None:
+            if self.pp is not None:
+                self.model.load_own(state["model"])
+            else:
+                load_full_state_dict(self.model, state["model"])
             self.optimizer.load_state_dict(self.rank_part(parts)["optimizer"])
         else:
             self.model.load_state_dict(state["model"])

@@ -1,0 +1,165 @@
+"""Pipelines against their references: GPipe's and 1F1B's action lists (every microbatch forward and back,
+sends matched by the neighbour's receives, 1F1B's in-flight bound), the balanced cut against brute force,
+whole runs (pp 2 and 4, dp 2 x pp 2) against one worker with the same microbatches (DESIGN.md section 8),
+the counted activation bytes against their formula, an exact resume, and bad meshes in one line.
+
+The runs of 2 ranks share one spawn, those of 4 another.
+"""
+
+import itertools
+import shutil
+
+import pytest
+import torch
+
+from polytrain.config import ConfigError, Experiment
+from polytrain.models import build_model
+from polytrain.parallel.pipeline import balanced_cuts, cut_points
+from polytrain.schedules import STEP_SCHEDULES
+from polytrain.train import train, train_sequence
+from polytrain.train.defaults import resolve
+
+# Digits at batch 48, 4 microbatches of 12, momentum SGD at a constant rate: 30 steps an epoch (1438 training
+# samples; the last step's 46 split 12, 12, 11, 11).
+DIGITS = Experiment(model="lenet5", dataset="digits", epochs=1, batch_size=48, optimizer="momentum", lr=0.05,
+                    schedule="constant", augment_shift=0, threads=1, microbatches=4)
+
+
+def in_flight(actions) -> int:
+    """The most microbatches whose forward ran and whose backward has not."""
+    most = current = 0
+    for action in actions:
+        current += {"forward": 1, "backward": -1}.get(action.op, 0)
+        most = max(most, current)
+    return most
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages, microbatches", [(2, 1), (2, 4), (4, 3), (4, 8)])
+def test_every_stage_runs_every_microbatch_and_its_neighbours_agree(name, stages, microbatches):
+    schedule = STEP_SCHEDULES.get(name)()
+    plans = [schedule.actions(microbatches, s, stages) for s in range(stages)]
+    for s, actions in enumerate(plans):
+        for op in ("forward", "backward"):
+            assert sorted(a.microbatch for a in actions if a.op == op) == list(range(microbatches))
+        # A microbatch's backward comes after its forward on every stage.
+        order = [(a.op, a.microbatch) for a in actions]
+        assert all(order.index(("forward", i)) < order.index(("backward", i)) for i in range(microbatches))
+        if s + 1 < stages:  # what s sends, s + 1 receives, in the same order
+            assert [a.microbatch for a in actions if a.op == "send_activation"] == \
+                [a.microbatch for a in plans[s + 1] if a.op == "recv_activation"]
+            assert [a.microbatch for a in plans[s + 1] if a.op == "send_gradient"] == \
+                [a.microbatch for a in actions if a.op == "recv_gradient"]
+        bound = microbatches if name == "gpipe" else min(stages - s, microbatches)
+        assert in_flight(actions) == bound  # 1F1B: at most p - s microbatches in flight on stage s
+
+
+def test_1f1b_on_the_last_stage_alternates_forward_and_backward():
+    actions = STEP_SCHEDULES.get("1f1b")().actions(3, 1, 2)
+    assert [(a.op, a.microbatch) for a in actions] == [
+        ("recv_activation", 0), ("forward", 0), ("backward", 0), ("send_gradient", 0),
+        ("recv_activation", 1), ("forward", 1), ("backward", 1), ("send_gradient", 1),
+        ("recv_activation", 2), ("forward", 2), ("backward", 2), ("send_gradient", 2)]
+
+
+def brute_force(costs, stages):
+    best = None
+    for inner in itertools.combinations(range(1, len(costs)), stages - 1):
+        cuts = [0, *inner, len(costs)]
+        value = max(sum(costs[a:b]) for a, b in zip(cuts, cuts[1:]))
+        if best is None or value < best[0]:
+            best = (value, cuts)
+    return best
+
+
+def test_the_cut_balances_the_stages_as_well_as_any_contiguous_cut():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        count = int(torch.randint(2, 9, (1,), generator=generator))
+        stages = int(torch.randint(1, count + 1, (1,), generator=generator))
+        costs = torch.rand(count, generator=generator).tolist()
+        cuts = balanced_cuts(costs, stages)
+        assert cuts[0] == 0 and cuts[-1] == count and all(a < b for a, b in zip(cuts, cuts[1:]))
+        assert max(sum(costs[a:b]) for a, b in zip(cuts, cuts[1:])) == pytest.approx(brute_force(costs, stages)[0])
+    # LeNet-5 on 8x8 digits: the second convolution is 70 % of the FLOPs; it starts the second stage.
+    assert cut_points(build_model("lenet5", 10, (1, 8, 8)), 2, (1, 8, 8)) == [0, 3, 12]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("pp")
+    two = {"gpipe pp 2": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="gpipe"),
+           "1f1b pp 2": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="1f1b", epochs=2),
+           "1f1b pp 2 cut": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="1f1b")}
+    four = {"1f1b pp 4": DIGITS.replace(workers=4, mesh={"pp": 4}, step_schedule="1f1b"),
+            "gpipe dp 2 x pp 2": DIGITS.replace(workers=4, mesh={"dp": 2, "pp": 2}, step_schedule="gpipe",
+                                                microbatches=2)}
+    out = {key: str(directory / key.replace(" ", "_")) for key in {**two, **four}}
+    results = {}
+    for group in (two, four):
+        results.update(zip(group, train_sequence([exp.replace(out=out[key]) for key, exp in group.items()])))
+    out["1f1b pp 2 resumed"] = str(directory / "resumed")
+    shutil.copytree(out["1f1b pp 2 cut"], out["1f1b pp 2 resumed"])  # the cut's directory stays the 1-epoch run
+    results["1f1b pp 2 resumed"] = train(two["1f1b pp 2"].replace(out=out["1f1b pp 2 resumed"]),
+                                         resume=out["1f1b pp 2 resumed"])
+    out["4 microbatches"] = str(directory / "reference")
+    results["4 microbatches"] = train(DIGITS.replace(workers=1, out=out["4 microbatches"]))
+    return results, out
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    return torch.load(f"{directory}/model.pt", weights_only=True)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()  # model.pt is the whole model
+    return max((a[key].double() - b[key].double()).abs().max().item() for key in a)
+
+
+@pytest.mark.parametrize("run", ["gpipe pp 2", "1f1b pp 2 cut", "1f1b pp 4", "gpipe dp 2 x pp 2"])
+def test_a_pipelined_run_equals_one_worker_with_the_same_microbatches(runs, run):
+    # dp 2 x pp 2 with 2 microbatches per replica: the reference's 4 microbatches, 2 on each replica.
+    results, out = runs
+    assert max_difference(weights(out[run]), weights(out["4 microbatches"])) <= 1e-5
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        assert results[run].epochs[0][key] == pytest.approx(results["4 microbatches"].epochs[0][key], rel=1e-5)
+
+
+def test_activations_and_their_gradients_are_counted_between_neighbours(runs):
+    # LeNet-5 cut after its first pool: the first stage sends each microbatch's activations (6 x 14 x 14 per
+    # sample), the second sends their gradients back; nothing else is training traffic (received bytes show
+    # as 0 sent).
+    results, _ = runs
+    boundary = build_model("lenet5", 10, (1, 8, 8))[:3](torch.zeros(1, 1, 8, 8)).numel()
+    per_epoch = 1438 * boundary * 4  # every training sample's activation once
+    stats = results["gpipe pp 2"].comm["per_rank"]
+    assert stats[0]["by_operation"] == {"pp:activation": per_epoch, "pp:gradient": 0}
+    assert stats[1]["by_operation"] == {"pp:activation": 0, "pp:gradient": per_epoch}
+
+
+def test_a_resumed_pipelined_run_equals_the_uninterrupted_one(runs):
+    results, out = runs
+    assert max_difference(weights(out["1f1b pp 2 resumed"]), weights(out["1f1b pp 2"])) == 0
+    assert [row["test_loss"] for row in results["1f1b pp 2 resumed"].epochs] == \
+        [row["test_loss"] for row in results["1f1b pp 2"].epochs]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"workers": 2, "mesh": {"pp": 2}}, "splits the model over pp, but step schedule accumulate does not split it "
+                                        "over pp \\(schedules that do: 1f1b, gpipe; set pp=1\\)"),
+    ({"workers": 4, "mesh": {"pp": 2, "tp": 2}, "step_schedule": "gpipe"}, "splits the model over tp, but step "
+                                                                             "schedule gpipe does not"),
+    ({"workers": 2, "mesh": {"pp": 2}, "step_schedule": "gpipe", "grad_clip": 1.0}, "with pp 2 each rank holds one "
+                                                                                      "stage"),
+    ({"workers": 2, "mesh": {"pp": 2}, "step_schedule": "gpipe", "amp": "fp16"}, "amp fp16 scales the loss on the "
+                                                                                   "last of pp 2 stages"),
+])
+def test_bad_meshes_fail_in_one_line_before_any_worker_starts(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(DIGITS.replace(**changes))
+
+
+def test_more_stages_than_top_level_modules_is_one_line():
+    with pytest.raises(ValueError, match="pp 13 cuts the model into 13 stages at its top-level modules, but it has "
+                                         "12; use pp <= 12"):
+        cut_points(build_model("lenet5", 10, (1, 8, 8)), 13, (1, 8, 8))
