@@ -46,6 +46,7 @@ class Experiment:
             (polytrain.schedules).
         tp_plan: which layers a tp axis above 1 splits: linear (pairs of linear layers, Megatron) or
             conv+linear (convolutions by filters and input channels too; polytrain.parallel.tensor).
+        virtual_stages: stages per pp rank under the interleaved schedule (the model is cut into pp x v).
         strategy: the update policy, how replicas stay consistent (None: local for one worker, allreduce
             for more).
         strategy_args: arguments of the strategy.
@@ -98,6 +99,7 @@ class Experiment:
     mesh: dict = field(default_factory=dict)
     step_schedule: str = "accumulate"
     tp_plan: str = "linear"
+    virtual_stages: int = 2
     strategy: str | None = None
     strategy_args: dict = field(default_factory=dict)
     device: str = "auto"

@@ -145,7 +145,7 @@ class Communicator:
         return peer if self.group is None else dist.get_global_rank(self.group, peer)
 
     def post(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
-             operation: str = "p2p") -> "Pending":
+             operation: str = "p2p", tag: int = 0) -> "Pending":
         """Starts sends and receives without waiting; `.wait()` on the result completes them.
 
         Algorithms post the receives of later rounds early, so data arriving from a peer that is ahead
@@ -157,11 +157,13 @@ class Communicator:
                 until the transfer has been waited for.
             recvs: (buffer, source rank) pairs, filled in place.
             operation: label under which the bytes are counted.
+            tag: messages between two ranks are matched in order within each tag (a pipeline keeps
+                activations and gradients apart).
         """
         # Receives are posted before sends: gloo otherwise serialises a pairwise exchange and halves the
         # throughput of a full-duplex link (measured on the emulated cluster, BENCHMARKS.md).
-        ops = [dist.P2POp(dist.irecv, buffer, self._global(peer), self.group) for buffer, peer in recvs]
-        ops += [dist.P2POp(dist.isend, tensor, self._global(peer), self.group) for tensor, peer in sends]
+        ops = [dist.P2POp(dist.irecv, buffer, self._global(peer), self.group, tag) for buffer, peer in recvs]
+        ops += [dist.P2POp(dist.isend, tensor, self._global(peer), self.group, tag) for tensor, peer in sends]
         if not ops:
             return Pending(self, [], operation)
         self._count(operation, sum(_nbytes(t) for t, _ in sends), sum(_nbytes(b) for b, _ in recvs),

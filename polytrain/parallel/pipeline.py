@@ -16,12 +16,16 @@ moves activations forward (`pp:activation`) and their gradients back (`pp:gradie
 
 from __future__ import annotations
 
+import statistics
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
 from polytrain.comm import BOOKKEEPING, Communicator
+from polytrain.comm.gather import gather_objects
+from polytrain.parallel.tensor import full_state_dict as tensor_state_dict
+from polytrain.parallel.tensor import load_full_state_dict as load_tensor_state_dict
 
 
 def _costs(model: nn.Sequential, input_shape: tuple[int, ...]) -> list[float]:
@@ -87,63 +91,100 @@ def _boundary_shapes(model: nn.Sequential, input_shape: tuple[int, ...]) -> list
     return shapes
 
 
+ACTIVATION, GRADIENT = 1, 2  # message tags: activations and gradients between two ranks are matched apart
+
+
 class PipelineStage(nn.Module):
-    """This rank's stage of a cut nn.Sequential (see the module docstring)."""
+    """This rank's stages of a cut nn.Sequential (see the module docstring).
 
-    def __init__(self, model: nn.Sequential, comm: Communicator, input_shape: tuple[int, ...]) -> None:
+    With `chunks` v above 1 (interleaved schedules) the model is cut into p x v virtual stages and this rank
+    holds stages index, index + p, ... (Narayanan et al. 2021, section 2.2); a virtual stage's activation
+    goes to the rank of the next one, (stage + 1) mod p. With a `tp` communicator the model has been split
+    over tp before the cut (`cuts`, found on the unsplit model, are then given).
+    """
+
+    def __init__(self, model: nn.Sequential, comm: Communicator, input_shape: tuple[int, ...], *, chunks: int = 1,
+                 cuts: list[int] | None = None, tp: Communicator | None = None) -> None:
         super().__init__()
-        self.comm, self.books = comm, comm.sibling(BOOKKEEPING)
-        self.index, self.stages = comm.rank, comm.world_size
-        cuts = cut_points(model, self.stages, input_shape)
+        self.comm, self.books, self.tp = comm, comm.sibling(BOOKKEEPING), tp
+        self.index, self.stages, self.chunks = comm.rank, comm.world_size, chunks
+        self.virtual_stages = self.stages * chunks
+        self.cuts = cuts if cuts is not None else cut_points(model, self.virtual_stages, input_shape)
         shapes = _boundary_shapes(model, input_shape)
-        start, end = cuts[self.index], cuts[self.index + 1]
         children = list(model.named_children())
-        self.names = [name for name, _ in children[start:end]]
-        self.stage = nn.Sequential(OrderedDict(children[start:end]))
-        self.cuts = cuts
-        self.input_shape, self.output_shape, self.model_output_shape = shapes[start], shapes[end], shapes[-1]
+        self.names, self.input_shapes, parts = [], [], []
+        for stage in self.own_stages:
+            start, end = self.cuts[stage], self.cuts[stage + 1]
+            self.names.append([name for name, _ in children[start:end]])
+            self.input_shapes.append(shapes[start])
+            parts.append(nn.Sequential(OrderedDict(children[start:end])))
+        self.parts = nn.ModuleList(parts)
+        self.model_output_shape = shapes[-1]
+        # Per step: when it began and ended (time.monotonic, shared by the processes of a host), the seconds
+        # spent in forward and backward passes, the most microbatches in flight and the most bytes of
+        # activations saved for backward at once (polytrain.schedules.pipeline.run_pipeline).
+        self.timeline: list[dict[str, float]] = []
 
     @property
-    def first(self) -> bool:
-        return self.index == 0
+    def own_stages(self) -> list[int]:
+        """The virtual stages this rank holds, in order."""
+        return [chunk * self.stages + self.index for chunk in range(self.chunks)]
 
-    @property
-    def last(self) -> bool:
-        return self.index == self.stages - 1
+    def part(self, stage: int) -> nn.Module:
+        return self.parts[stage // self.stages]
 
-    def receive(self, comm: Communicator, shape: tuple[int, ...], source: int, operation: str,
+    def input_shape(self, stage: int) -> tuple[int, ...]:
+        return self.input_shapes[stage // self.stages]
+
+    def is_last(self, stage: int) -> bool:
+        return stage == self.virtual_stages - 1
+
+    def previous(self, stage: int) -> int:
+        return (stage - 1) % self.stages
+
+    def following(self, stage: int) -> int:
+        return (stage + 1) % self.stages
+
+    def receive(self, comm: Communicator, shape: tuple[int, ...], source: int, operation: str, tag: int,
                 like: torch.Tensor | None = None) -> torch.Tensor:
-        dtype = like.dtype if like is not None else next(self.parameters()).dtype
+        dtype = like.dtype if like is not None and like.is_floating_point() else next(self.parameters()).dtype
         buffer = torch.empty(*shape, dtype=dtype)
-        comm.recv(buffer, source, operation)
+        comm.post([], [(buffer, source)], operation, tag).wait()
         return buffer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         comm = self.comm if torch.is_grad_enabled() else self.books
         batch = x.shape[0]
-        value = x if self.first else self.receive(comm, (batch, *self.input_shape), self.index - 1, "pp:activation",
-                                                  like=x if x.is_floating_point() else None)
-        value = self.stage(value)
-        if self.last:
-            return value
-        comm.send(value.detach().contiguous(), self.index + 1, "pp:activation")
+        for stage in self.own_stages:
+            value = x if stage == 0 else self.receive(comm, (batch, *self.input_shape(stage)), self.previous(stage),
+                                                      "pp:activation", ACTIVATION, like=x)
+            value = self.part(stage)(value)
+            if self.is_last(stage):
+                return value
+            comm.post([(value.detach().contiguous(), self.following(stage))], [], "pp:activation", ACTIVATION).wait()
         return value.new_zeros(batch, *self.model_output_shape)
 
     def own_state_dict(self) -> dict[str, torch.Tensor]:
-        """This stage's part of the whole model's state, under the whole model's keys."""
-        return {key.removeprefix("stage."): value for key, value in self.state_dict().items()}
+        """This rank's part of the whole model's state, under the whole model's keys (split layers gathered
+        over tp: collective)."""
+        state: dict[str, torch.Tensor] = {}
+        for part in self.parts:
+            state.update(tensor_state_dict(part, self.tp) if self.tp is not None else part.state_dict())
+        return state
 
     def load_own(self, state: dict[str, torch.Tensor]) -> None:
-        """Loads this stage's part of the whole model's `state`."""
-        names = {f"{name}." for name in self.names}
-        self.load_state_dict({f"stage.{key}": value for key, value in state.items()
-                              if any(key.startswith(prefix) for prefix in names)})
+        """Loads this rank's part of the whole model's `state`."""
+        for names, part in zip(self.names, self.parts):
+            prefixes = tuple(f"{name}." for name in names)
+            own = {key: value for key, value in state.items() if key.startswith(prefixes)}
+            if self.tp is not None:
+                load_tensor_state_dict(part, own)
+            else:
+                part.load_state_dict(own)
 
 
 def full_state_dict(stage: PipelineStage) -> dict[str, torch.Tensor] | None:
     """The whole model's state on the pp group's first rank (None on the others; bookkeeping, collective)."""
-    from polytrain.comm.gather import gather_objects
-
     parts = gather_objects(stage.books, stage.own_state_dict())
     if parts is None:
         return None
@@ -151,3 +192,34 @@ def full_state_dict(stage: PipelineStage) -> dict[str, torch.Tensor] | None:
     for part in parts:
         whole.update(part)
     return whole
+
+
+def bubble_formula(stages: int, microbatches: int, chunks: int = 1) -> float:
+    """The idle fraction of a balanced synchronous pipeline's step: (p-1)/(m+p-1), and (p-1)/(vm+p-1) with v
+    virtual stages per rank (Narayanan et al. 2021)."""
+    return (stages - 1) / (chunks * microbatches + stages - 1)
+
+
+def pipeline_report(stage: PipelineStage, schedule: str, microbatches: int) -> dict | None:
+    """result.json's `pipeline`, on the pp group's first rank (None elsewhere; bookkeeping, collective): the
+    bubble measured in each step, the idle share of the p stages x the step's span, from the first stage's
+    start to the last one's end, beside the formula; the median over the steps after the first (which warms
+    up); and per stage its busy seconds, peak microbatches in flight and peak activation bytes."""
+    timelines = gather_objects(stage.books, stage.timeline)
+    if timelines is None:
+        return None
+    steps = min(len(timeline) for timeline in timelines)
+    bubbles = []
+    for step in range(steps):
+        rows = [timeline[step] for timeline in timelines]
+        span = max(row["end"] for row in rows) - min(row["start"] for row in rows)
+        bubbles.append(1 - sum(row["busy"] for row in rows) / (len(rows) * span) if span > 0 else 0.0)
+    measured = bubbles[1:] or bubbles
+    return {"schedule": schedule, "stages": stage.stages, "virtual_stages": stage.virtual_stages,
+            "microbatches": microbatches, "cuts": stage.cuts,
+            "bubble_formula": bubble_formula(stage.stages, microbatches, stage.chunks),
+            "bubble_measured": statistics.median(measured) if measured else None, "steps_measured": len(measured),
+            "per_stage": [{"busy_s": sum(row["busy"] for row in timeline),
+                           "peak_in_flight": max((row["in_flight"] for row in timeline), default=0),
+                           "peak_activation_bytes": max((row["activation_bytes"] for row in timeline), default=0)}
+                          for timeline in timelines]}

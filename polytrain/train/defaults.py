@@ -145,6 +145,24 @@ def _check_mesh_schedule(shape: MeshShape, step_schedule: str) -> None:
                               f"{', '.join(able) or 'none yet'}; set {axis}=1)")
 
 
+def chunks_per_rank(exp: Experiment) -> int:
+    """Pipeline stages per pp rank: the virtual stages of an interleaving schedule, else 1."""
+    return exp.virtual_stages if getattr(STEP_SCHEDULES.get(exp.step_schedule), "interleaves", False) else 1
+
+
+def _check_interleaving(exp: Experiment, shape: MeshShape) -> None:
+    """An interleaving schedule needs a pipeline, at least 2 virtual stages and whole groups of pp microbatches."""
+    if not getattr(STEP_SCHEDULES.get(exp.step_schedule), "interleaves", False):
+        return
+    _check(shape.pp > 1, f"step schedule {exp.step_schedule} interleaves pipeline stages over a pp axis; mesh "
+                         f"{shape.describe()} has none (use --mesh pp=P)")
+    _check(exp.virtual_stages >= 2, f"step schedule {exp.step_schedule} holds virtual_stages >= 2 stages per rank, "
+                                    f"got {exp.virtual_stages}")
+    _check(exp.microbatches % shape.pp == 0,
+           f"step schedule {exp.step_schedule} runs microbatches in groups of the pp {shape.pp} ranks; "
+           f"{exp.microbatches} microbatches is not a multiple of {shape.pp}")
+
+
 def _check_servers(exp: Experiment, shape: MeshShape, servers: int) -> None:
     """Servers sit beside data-parallel CPU workers; where they apply the optimizer to their shards, what needs
     the whole model in one place is refused."""
@@ -199,6 +217,7 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
            f"use pp=1 or no clipping")
     _check(exp.amp != "fp16" or shape.pp == 1, f"amp fp16 scales the loss on the last of pp {shape.pp} stages "
                                                f"and unscales on every one; use amp bf16 or none")
+    _check_interleaving(exp, shape)
     _check(exp.tp_plan in TP_PLANS, f"unknown tp plan '{exp.tp_plan}'; available: {', '.join(TP_PLANS)}")
     _check(exp.grad_clip is None or shape.tp == 1,
            f"--grad-clip clips the norm of the whole gradient, but with tp {shape.tp} each rank holds a shard of "

@@ -29,7 +29,7 @@ from polytrain.schedules import STEP_SCHEDULES, StepContext
 from polytrain.tasks import TASKS, Task
 from polytrain.train.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, reshard_error
 from polytrain.strategies import server_ranks
-from polytrain.train.defaults import resolve, run_ranks
+from polytrain.train.defaults import chunks_per_rank, resolve, run_ranks
 from polytrain.train.environment import environment
 from polytrain.train.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from polytrain.train.optim import Schedule, build_optimizer, build_schedule
@@ -145,7 +145,7 @@ class Trainer:
         self.session = Session(comm, strategy=exp.strategy, strategy_args=exp.strategy_args,
                                compressor=exp.compressor, compressor_args=exp.compressor_args, mesh=exp.mesh,
                                device=exp.device, amp=exp.amp, grad_clip=exp.grad_clip, seed=exp.seed,
-                               tp_plan=exp.tp_plan)
+                               tp_plan=exp.tp_plan, chunks=chunks_per_rank(exp))
         self.device, self.mesh, self.rank = self.session.device, self.session.mesh, self.session.rank
         self.data = load_run_data(exp, own.data)
         self.task = own.task or TASKS.get(exp.task)
@@ -389,7 +389,8 @@ class Trainer:
                 "messages": rank0["messages_sent"], "bytes_sent_per_step": rank0["bytes_sent"] / max(1, steps),
                 "estimated": any(stats["estimated"] for stats in per_rank), "bookkeeping": rank0["bookkeeping"],
                 "mesh": self.mesh.shape.sizes(), "per_rank": [{"rank": rank, **stats} for rank, stats in enumerate(per_rank)],
-                **straggler, **self.policy.report()}
+                **straggler, **self.policy.report(),
+                **self.session.pipeline_report(self.exp.step_schedule, self.exp.microbatches)}
 
     def finish(self) -> Result:
         result = Result.from_history(self.exp, self.position.history, comm=self.comm_section(self.position.global_step),

@@ -36,7 +36,7 @@ from polytrain.comm.mesh import Mesh, MeshShape
 from polytrain.config import ConfigError, parse_named
 from polytrain.data.sampler import ShardedBatchSampler
 from polytrain.launch import init_from_torchrun, under_torchrun
-from polytrain.parallel.pipeline import PipelineStage
+from polytrain.parallel.pipeline import PipelineStage, cut_points, pipeline_report
 from polytrain.parallel.pipeline import full_state_dict as pipeline_state_dict
 from polytrain.parallel.tensor import full_state_dict, load_full_state_dict, split_model
 from polytrain.strategies import STRATEGIES, UpdatePolicy, build_policy, server_ranks
@@ -78,12 +78,13 @@ class Session:
         grad_clip: clip the global gradient norm to this before each optimizer step.
         seed: seed of the sampler's per-epoch permutations.
         tp_plan: the layers a tp axis above 1 splits (polytrain.parallel.tensor.TP_PLANS).
+        chunks: pipeline stages per pp rank (above 1 for interleaved schedules; `chunks_per_rank`).
     """
 
     def __init__(self, comm: Communicator | None, *, strategy: str | None = None, strategy_args: Mapping | None = None,
                  compressor: str | None = None, compressor_args: Mapping | None = None, mesh: Mapping | None = None,
                  device: str = "cpu", amp: str = "none", grad_clip: float | None = None, seed: int = 0,
-                 tp_plan: str = "linear") -> None:
+                 tp_plan: str = "linear", chunks: int = 1) -> None:
         self.device = rank_device(device, comm)
         if comm is not None:
             comm.device = self.device
@@ -100,7 +101,7 @@ class Session:
         self.precision = MixedPrecision(amp, self.device)
         self.grad_clip = grad_clip
         self.seed = seed
-        self.tp_plan = tp_plan
+        self.tp_plan, self.chunks = tp_plan, chunks
         self.policy: UpdatePolicy | None = None
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -140,13 +141,16 @@ class Session:
             if notice is not None and self.rank == 0:
                 print(f"polytrain: {notice}", file=sys.stderr)
         self.policy = build_policy(self.strategy, self.mesh, self.strategy_args, compressor)
-        if self.tp is not None:  # the same Parameter objects keep only their shards: the optimizer still holds them
-            split_model(model, self.tp, self.tp_plan)
-        if self.pp is not None:  # the optimizer holds every stage's parameters; only this stage's get gradients
+        cuts = None
+        if self.pp is not None:  # cut by the cost model's FLOPs of the unsplit layers
             if input_shape is None:
                 raise ConfigError("a pipeline needs the shape of one input sample to cut the model: "
                                   "session.setup(model, optimizer, input_shape=...)")
-            model = PipelineStage(model, self.pp, tuple(input_shape))
+            cuts = cut_points(model, self.pp.world_size * self.chunks, tuple(input_shape))
+        if self.tp is not None:  # the same Parameter objects keep only their shards: the optimizer still holds them
+            split_model(model, self.tp, self.tp_plan)
+        if self.pp is not None:  # the optimizer holds every stage's parameters; only this rank's get gradients
+            model = PipelineStage(model, self.pp, tuple(input_shape), chunks=self.chunks, cuts=cuts, tp=self.tp)
         self.model, self.optimizer = self.policy.prepare(model, optimizer), optimizer
         return self.model, optimizer
 
@@ -171,6 +175,15 @@ class Session:
         if self.pp is not None:
             return pipeline_state_dict(self.model)
         return full_state_dict(self.model, self.tp) if self.tp is not None else self.model.state_dict()
+
+    def pipeline_report(self, schedule: str, microbatches: int) -> dict:
+        """result.json's `pipeline` section on rank 0 (the measured bubble beside the formula, in-flight
+        microbatches and activation memory per stage; polytrain.parallel.pipeline.pipeline_report), empty
+        without a pp axis and on other ranks (collective over pp)."""
+        if self.pp is None:
+            return {}
+        report = pipeline_report(self.model, schedule, microbatches)
+        return {"pipeline": report} if report is not None else {}
 
     def _ready(self) -> UpdatePolicy:
         if self.policy is None:

@@ -1,7 +1,9 @@
-"""Pipelines against their references: GPipe's and 1F1B's action lists (every microbatch forward and back,
-sends matched by the neighbour's receives, 1F1B's in-flight bound), the balanced cut against brute force,
-whole runs (pp 2 and 4, dp 2 x pp 2) against one worker with the same microbatches (DESIGN.md section 8),
-the counted activation bytes against their formula, an exact resume, and bad meshes in one line.
+"""Pipelines against their references: GPipe's, 1F1B's and interleaved 1F1B's action lists (every microbatch
+forward and back, sends matched by the neighbour's receives, 1F1B's in-flight bound, no deadlock, the simulated
+bubble equal to (p-1)/(vm+p-1)), the balanced cut against brute force, whole runs (pp 2 and 4, interleaved,
+dp 2 x pp 2, pp 2 x tp 2) against one worker with the same microbatches (DESIGN.md section 8), the counted
+activation bytes against their formula, the measured microbatches in flight and activation memory, an exact
+resume, and bad meshes in one line.
 
 The runs of 2 ranks share one spawn, those of 4 another.
 """
@@ -16,6 +18,7 @@ from polytrain.config import ConfigError, Experiment
 from polytrain.models import build_model
 from polytrain.parallel.pipeline import balanced_cuts, cut_points
 from polytrain.schedules import STEP_SCHEDULES
+from polytrain.schedules.pipeline import simulate
 from polytrain.train import train, train_sequence
 from polytrain.train.defaults import resolve
 
@@ -54,6 +57,28 @@ def test_every_stage_runs_every_microbatch_and_its_neighbours_agree(name, stages
         assert in_flight(actions) == bound  # 1F1B: at most p - s microbatches in flight on stage s
 
 
+@pytest.mark.parametrize("stages, microbatches, chunks", [(2, 2, 2), (2, 4, 3), (4, 4, 2), (4, 8, 2), (3, 6, 4)])
+def test_interleaved_runs_every_microbatch_on_every_virtual_stage_of_its_rank(stages, microbatches, chunks):
+    schedule = STEP_SCHEDULES.get("interleaved")()
+    for rank in range(stages):
+        actions = schedule.actions(microbatches, rank, stages, chunks)
+        own = [chunk * stages + rank for chunk in range(chunks)]
+        for op in ("forward", "backward"):
+            assert sorted((a.stage, a.microbatch) for a in actions if a.op == op) == \
+                [(stage, i) for stage in own for i in range(microbatches)]
+    with pytest.raises(ValueError, match="3 microbatches is not a multiple of 2"):
+        schedule.actions(3, 0, 2, 2)
+
+
+@pytest.mark.parametrize("name, chunks", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("interleaved", 3)])
+@pytest.mark.parametrize("stages, microbatches", [(2, 2), (2, 4), (2, 16), (4, 4), (4, 8), (4, 16)])
+def test_the_simulated_step_runs_without_deadlock_and_idles_as_the_formula_says(name, chunks, stages, microbatches):
+    # Every receive is matched to the message it expects (per tag, in order) and the bubble of a balanced
+    # pipeline with forward 1 and backward 2 is (p-1)/(vm+p-1) (Huang et al. 2019; Narayanan et al. 2021).
+    step = simulate(STEP_SCHEDULES.get(name)(), microbatches, stages, chunks)
+    assert step["bubble"] == pytest.approx((stages - 1) / (chunks * microbatches + stages - 1), abs=1e-12)
+
+
 def test_1f1b_on_the_last_stage_alternates_forward_and_backward():
     actions = STEP_SCHEDULES.get("1f1b")().actions(3, 1, 2)
     assert [(a.op, a.microbatch) for a in actions] == [
@@ -90,10 +115,12 @@ def runs(tmp_path_factory):
     directory = tmp_path_factory.mktemp("pp")
     two = {"gpipe pp 2": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="gpipe"),
            "1f1b pp 2": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="1f1b", epochs=2),
-           "1f1b pp 2 cut": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="1f1b")}
+           "1f1b pp 2 cut": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="1f1b"),
+           "interleaved pp 2": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="interleaved")}
     four = {"1f1b pp 4": DIGITS.replace(workers=4, mesh={"pp": 4}, step_schedule="1f1b"),
             "gpipe dp 2 x pp 2": DIGITS.replace(workers=4, mesh={"dp": 2, "pp": 2}, step_schedule="gpipe",
-                                                microbatches=2)}
+                                                microbatches=2),
+            "1f1b pp 2 x tp 2": DIGITS.replace(workers=4, mesh={"pp": 2, "tp": 2}, step_schedule="1f1b")}
     out = {key: str(directory / key.replace(" ", "_")) for key in {**two, **four}}
     results = {}
     for group in (two, four):
@@ -116,7 +143,8 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[key].double() - b[key].double()).abs().max().item() for key in a)
 
 
-@pytest.mark.parametrize("run", ["gpipe pp 2", "1f1b pp 2 cut", "1f1b pp 4", "gpipe dp 2 x pp 2"])
+@pytest.mark.parametrize("run", ["gpipe pp 2", "1f1b pp 2 cut", "1f1b pp 4", "interleaved pp 2", "gpipe dp 2 x pp 2",
+                                 "1f1b pp 2 x tp 2"])
 def test_a_pipelined_run_equals_one_worker_with_the_same_microbatches(runs, run):
     # dp 2 x pp 2 with 2 microbatches per replica: the reference's 4 microbatches, 2 on each replica.
     results, out = runs
@@ -137,6 +165,21 @@ def test_activations_and_their_gradients_are_counted_between_neighbours(runs):
     assert stats[1]["by_operation"] == {"pp:activation": 0, "pp:gradient": per_epoch}
 
 
+def test_the_measured_step_holds_what_the_schedule_says_in_flight(runs):
+    # Stage s holds every microbatch under GPipe, at most p - s under 1F1B; the activations saved for backward
+    # grow with them (4 of 12 samples against 2 of 12 on the first stage).
+    results, _ = runs
+    gpipe, one_f_one_b = results["gpipe pp 2"].comm["pipeline"], results["1f1b pp 2 cut"].comm["pipeline"]
+    assert [stage["peak_in_flight"] for stage in gpipe["per_stage"]] == [4, 4]
+    assert [stage["peak_in_flight"] for stage in one_f_one_b["per_stage"]] == [2, 1]
+    assert gpipe["per_stage"][0]["peak_activation_bytes"] == 2 * one_f_one_b["per_stage"][0]["peak_activation_bytes"]
+    assert gpipe["bubble_formula"] == pytest.approx(1 / 5) and gpipe["steps_measured"] == 29
+    assert 0 <= gpipe["bubble_measured"] < 1
+    assert results["interleaved pp 2"].comm["pipeline"]["bubble_formula"] == pytest.approx(1 / 9)
+    assert results["interleaved pp 2"].comm["pipeline"]["cuts"] == cut_points(build_model("lenet5", 10, (1, 8, 8)),
+                                                                              4, (1, 8, 8))
+
+
 def test_a_resumed_pipelined_run_equals_the_uninterrupted_one(runs):
     results, out = runs
     assert max_difference(weights(out["1f1b pp 2 resumed"]), weights(out["1f1b pp 2"])) == 0
@@ -146,9 +189,11 @@ def test_a_resumed_pipelined_run_equals_the_uninterrupted_one(runs):
 
 @pytest.mark.parametrize("changes, message", [
     ({"workers": 2, "mesh": {"pp": 2}}, "splits the model over pp, but step schedule accumulate does not split it "
-                                        "over pp \\(schedules that do: 1f1b, gpipe; set pp=1\\)"),
-    ({"workers": 4, "mesh": {"pp": 2, "tp": 2}, "step_schedule": "gpipe"}, "splits the model over tp, but step "
-                                                                             "schedule gpipe does not"),
+                                        "over pp \\(schedules that do: 1f1b, gpipe, interleaved; set pp=1\\)"),
+    ({"workers": 1, "step_schedule": "interleaved"}, "interleaves pipeline stages over a pp axis; mesh dp 1 = 1 rank has none"),
+    ({"workers": 2, "mesh": {"pp": 2}, "step_schedule": "interleaved", "virtual_stages": 1}, "virtual_stages >= 2"),
+    ({"workers": 2, "mesh": {"pp": 2}, "step_schedule": "interleaved", "microbatches": 3}, "groups of the pp 2 ranks; "
+                                                                                           "3 microbatches is not"),
     ({"workers": 2, "mesh": {"pp": 2}, "step_schedule": "gpipe", "grad_clip": 1.0}, "with pp 2 each rank holds one "
                                                                                       "stage"),
     ({"workers": 2, "mesh": {"pp": 2}, "step_schedule": "gpipe", "amp": "fp16"}, "amp fp16 scales the loss on the "
