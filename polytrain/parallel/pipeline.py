@@ -1,17 +1,21 @@
-"""Pipeline parallelism: an nn.Sequential cut into contiguous stages, one per rank of the mesh's pp axis.
+"""Pipeline parallelism: an nn.Sequential cut into contiguous stages over the ranks of the mesh's pp axis.
 
 `cut_points(model, stages, input_shape)` balances the stages by the cost model's arithmetic (forward and
 backward FLOPs per sample of each top-level module, polytrain.cost): the contiguous partition whose most
 expensive stage is cheapest. Top-level modules are kept whole (a residual block is one module), so a model
 with fewer top-level modules than stages cannot be cut (one line).
 
-`PipelineStage` is a rank's part: the modules of its stage (its parameters are the only ones the update
-policy sees), the shapes of the activations it receives and sends (found by running the whole model once
-on a zero batch before it is cut), and the counted pp communicator. Its `forward(x)` is the pipelined
+`PipelineStage` is a rank's part: the modules of its stage, or of its v virtual stages under an interleaved
+schedule (its parameters are the only ones the update policy sees), the shapes of the activations it
+receives (found by running the whole model once on a zero batch before it is cut), and the counted pp
+communicator. With a tp axis the layers are split first (polytrain.parallel.tensor) and a stage's tp ranks
+each send their share to the next stage's rank of the same tp index. Its `forward(x)` is the pipelined
 forward of evaluation: the first stage reads x, every stage sends its output on, the last returns the
 model's output and the others zeros of that shape (their numbers are not counted: `Session.sum` counts the
-last stage's). Training runs through a pipeline step schedule (polytrain.schedules: gpipe, 1f1b), which
-moves activations forward (`pp:activation`) and their gradients back (`pp:gradient`).
+last stage's). Training runs through a pipeline step schedule (polytrain.schedules: gpipe, 1f1b,
+interleaved), which moves activations forward (`pp:activation`) and their gradients back (`pp:gradient`)
+and records each step on the stage's timeline; `pipeline_report` turns the timelines into result.json's
+measured bubble, microbatches in flight and activation memory.
 """
 
 from __future__ import annotations
@@ -204,21 +208,23 @@ def pipeline_report(stage: PipelineStage, schedule: str, microbatches: int) -> d
     """result.json's `pipeline`, on the pp group's first rank (None elsewhere; bookkeeping, collective): the
     bubble measured in each step, the idle share of the p stages x the step's span, from the first stage's
     start to the last one's end, beside the formula; the median over the steps after the first (which warms
-    up); and per stage its busy seconds, peak microbatches in flight and peak activation bytes."""
+    up); every step's span (`step_s`); and per stage its busy seconds, peak microbatches in flight and peak activation bytes."""
     timelines = gather_objects(stage.books, stage.timeline)
     if timelines is None:
         return None
     steps = min(len(timeline) for timeline in timelines)
-    bubbles = []
+    bubbles, spans = [], []
     for step in range(steps):
         rows = [timeline[step] for timeline in timelines]
         span = max(row["end"] for row in rows) - min(row["start"] for row in rows)
+        spans.append(span)
         bubbles.append(1 - sum(row["busy"] for row in rows) / (len(rows) * span) if span > 0 else 0.0)
     measured = bubbles[1:] or bubbles
     return {"schedule": schedule, "stages": stage.stages, "virtual_stages": stage.virtual_stages,
             "microbatches": microbatches, "cuts": stage.cuts,
             "bubble_formula": bubble_formula(stage.stages, microbatches, stage.chunks),
             "bubble_measured": statistics.median(measured) if measured else None, "steps_measured": len(measured),
+            "step_s": spans,
             "per_stage": [{"busy_s": sum(row["busy"] for row in timeline),
                            "peak_in_flight": max((row["in_flight"] for row in timeline), default=0),
                            "peak_activation_bytes": max((row["activation_bytes"] for row in timeline), default=0)}

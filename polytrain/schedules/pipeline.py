@@ -1,5 +1,6 @@
-"""Synchronous pipeline schedules: GPipe (Huang et al. 2019) and 1F1B (PipeDream-Flush; Narayanan et al.
-2019, 2021), as data, and the runtime that executes them on a rank's PipelineStage.
+"""Synchronous pipeline schedules: GPipe (Huang et al. 2019), 1F1B (PipeDream-Flush; Narayanan et al. 2019,
+2021) and interleaved 1F1B (Narayanan et al. 2021), as data, the runtime that executes them on a rank's
+PipelineStage, and a simulator of their action lists.
 
 For stage s of p with m microbatches:
 - `gpipe`: every forward (receive the activation from s-1, forward, send it to s+1), then every backward
@@ -7,12 +8,16 @@ For stage s of p with m microbatches:
   microbatches' activations are held at once.
 - `1f1b`: min(p-s-1, m) warm-up forwards, then one forward and one backward in turn, then the remaining
   backwards. At most p-s microbatches are in flight on stage s.
+- `interleaved`: every rank holds v virtual stages (`--set virtual_stages=v`, the model cut into p v);
+  Megatron's order (see `Interleaved`), a bubble of (p-1)/(vm+p-1) for v times the messages.
 
-Both accumulate the gradient of every microbatch before the update, so a run equals one worker with the
-same m microbatches (tested); the bubble of either is (p-1)/(m+p-1) of the step on a balanced pipeline.
-Sends are posted without waiting (a stage that waited for its send to be taken while its neighbour waits
-for its own would deadlock under 1F1B) and completed at the end of the step; receives wait, within the
-communicator's timeout.
+All accumulate the gradient of every microbatch before the update, so a run equals one worker with the same
+m microbatches (tested); the bubble of gpipe and 1f1b is (p-1)/(m+p-1) of the step on a balanced pipeline
+(`simulate` reproduces it from the action lists, and the runtime measures it). Sends are posted without
+waiting (a stage that waited for its send to be taken while its neighbour waits for its own would deadlock
+under 1F1B) and completed at the end of the step; receives wait, within the communicator's timeout.
+Activations and gradients travel under their own message tags, so two ranks that exchange both (p = 2,
+interleaved) match each kind in order.
 """
 
 from __future__ import annotations

@@ -208,3 +208,13 @@ def test_more_stages_than_top_level_modules_is_one_line():
     with pytest.raises(ValueError, match="pp 13 cuts the model into 13 stages at its top-level modules, but it has "
                                          "12; use pp <= 12"):
         cut_points(build_model("lenet5", 10, (1, 8, 8)), 13, (1, 8, 8))
+
+
+@pytest.mark.slow
+def test_dp_pp_tp_on_eight_ranks_equals_one_worker(tmp_path):
+    # dp 2 x pp 2 x tp 2: each replica's 2 microbatches through a pipeline whose linear layers are split.
+    run = train(DIGITS.replace(workers=8, mesh={"dp": 2, "pp": 2, "tp": 2}, step_schedule="1f1b", microbatches=2,
+                               out=str(tmp_path / "hybrid")))
+    reference = train(DIGITS.replace(workers=1, out=str(tmp_path / "reference")))
+    assert max_difference(weights(tmp_path / "hybrid"), weights(tmp_path / "reference")) <= 1e-5
+    assert run.epochs[0]["test_loss"] == pytest.approx(reference.epochs[0]["test_loss"], rel=1e-5)
