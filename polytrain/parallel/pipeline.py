@@ -13,7 +13,7 @@ each send their share to the next stage's rank of the same tp index. Its `forwar
 forward of evaluation: the first stage reads x, every stage sends its output on, the last returns the
 model's output and the others zeros of that shape (their numbers are not counted: `Session.sum` counts the
 last stage's). Training runs through a pipeline step schedule (polytrain.schedules: gpipe, 1f1b,
-interleaved), which moves activations forward (`pp:activation`) and their gradients back (`pp:gradient`)
+interleaved, pipedream), which moves activations forward (`pp:activation`) and their gradients back (`pp:gradient`)
 and records each step on the stage's timeline; `pipeline_report` turns the timelines into result.json's
 measured bubble, microbatches in flight and activation memory.
 """
@@ -98,6 +98,12 @@ def _boundary_shapes(model: nn.Sequential, input_shape: tuple[int, ...]) -> list
 ACTIVATION, GRADIENT = 1, 2  # message tags: activations and gradients between two ranks are matched apart
 
 
+def _begins_in_place(module: nn.Module) -> bool:
+    """Whether the first module that computes (the first without children) works in place."""
+    first = next((m for m in module.modules() if not any(True for _ in m.children())), None)
+    return bool(getattr(first, "inplace", False))
+
+
 class PipelineStage(nn.Module):
     """This rank's stages of a cut nn.Sequential (see the module docstring).
 
@@ -123,6 +129,9 @@ class PipelineStage(nn.Module):
             self.input_shapes.append(shapes[start])
             parts.append(nn.Sequential(OrderedDict(children[start:end])))
         self.parts = nn.ModuleList(parts)
+        # A stage that begins in place (ReLU(inplace=True) after a cut) would modify the received activation,
+        # a leaf autograd must keep: such a stage works on a copy (`stage_input`).
+        self.copies_input = [_begins_in_place(part) for part in parts]
         self.model_output_shape = shapes[-1]
         # Per step: when it began and ended (time.monotonic, shared by the processes of a host), the seconds
         # spent in forward and backward passes, the most microbatches in flight and the most bytes of
@@ -133,6 +142,10 @@ class PipelineStage(nn.Module):
     def own_stages(self) -> list[int]:
         """The virtual stages this rank holds, in order."""
         return [chunk * self.stages + self.index for chunk in range(self.chunks)]
+
+    def stage_input(self, stage: int, received: torch.Tensor) -> torch.Tensor:
+        """What a stage's modules get of the activation it received (a copy where they work in place)."""
+        return received.clone() if self.copies_input[stage // self.stages] else received
 
     def part(self, stage: int) -> nn.Module:
         return self.parts[stage // self.stages]
@@ -208,24 +221,46 @@ def pipeline_report(stage: PipelineStage, schedule: str, microbatches: int) -> d
     """result.json's `pipeline`, on the pp group's first rank (None elsewhere; bookkeeping, collective): the
     bubble measured in each step, the idle share of the p stages x the step's span, from the first stage's
     start to the last one's end, beside the formula; the median over the steps after the first (which warms
-    up); every step's span (`step_s`); and per stage its busy seconds, peak microbatches in flight and peak activation bytes."""
+    up); every step's span (`step_s`); per stage its busy seconds, peak microbatches in flight, peak
+    activation bytes and the most weight versions held at once; and the staleness of the updates (the most,
+    and how many updates had each).
+
+    An asynchronous schedule (pipedream) also records its flushes (epoch ends, checkpoints), which are not
+    steps: their busy seconds count for their stage, their spans for no bubble. Its formula is the idle share
+    of a balanced pipeline that fills and drains once per flush, flushes (p-1) / (steps m + flushes (p-1));
+    its measured per-step bubble counts the stages' offset in time as idle, though no stage waits in the
+    steady state: (p-1) F / (m (F + B) + (p-1) F) for forwards of F and backwards of B seconds (`simulate`)."""
     timelines = gather_objects(stage.books, stage.timeline)
     if timelines is None:
         return None
-    steps = min(len(timeline) for timeline in timelines)
+    rows_per_stage = min(len(timeline) for timeline in timelines)
     bubbles, spans = [], []
-    for step in range(steps):
-        rows = [timeline[step] for timeline in timelines]
+    for index in range(rows_per_stage):
+        rows = [timeline[index] for timeline in timelines]
+        if rows[0].get("flush"):
+            continue
         span = max(row["end"] for row in rows) - min(row["start"] for row in rows)
         spans.append(span)
         bubbles.append(1 - sum(row["busy"] for row in rows) / (len(rows) * span) if span > 0 else 0.0)
     measured = bubbles[1:] or bubbles
+    flushes = sum(1 for row in timelines[0][:rows_per_stage] if row.get("flush"))
+    formula = bubble_formula(stage.stages, microbatches, stage.chunks)
+    if flushes:  # the pipeline fills and drains once per flush: 1F1B over all the microbatches between flushes
+        formula = flushes * (stage.stages - 1) / (len(bubbles) * microbatches + flushes * (stage.stages - 1))
+    histogram: dict[str, int] = {}
+    for row in timelines[0]:
+        if row.get("staleness") is not None:
+            histogram[str(row["staleness"])] = histogram.get(str(row["staleness"]), 0) + 1
     return {"schedule": schedule, "stages": stage.stages, "virtual_stages": stage.virtual_stages,
             "microbatches": microbatches, "cuts": stage.cuts,
-            "bubble_formula": bubble_formula(stage.stages, microbatches, stage.chunks),
+            "bubble_formula": formula,
             "bubble_measured": statistics.median(measured) if measured else None, "steps_measured": len(measured),
             "step_s": spans,
+            "staleness": max((int(key) for key in histogram), default=0),
+            "staleness_histogram": dict(sorted(histogram.items())),
+            "flushes": flushes,
             "per_stage": [{"busy_s": sum(row["busy"] for row in timeline),
                            "peak_in_flight": max((row["in_flight"] for row in timeline), default=0),
-                           "peak_activation_bytes": max((row["activation_bytes"] for row in timeline), default=0)}
+                           "peak_activation_bytes": max((row["activation_bytes"] for row in timeline), default=0),
+                           "weight_versions": max((row.get("weight_versions", 1) for row in timeline), default=1)}
                           for timeline in timelines]}

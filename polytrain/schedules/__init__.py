@@ -8,7 +8,11 @@ written once, in `run_actions`.
 
 `accumulate` is the schedule of a whole model on every rank: forward and backward of each microbatch in
 turn, gradients accumulating (today's microbatching; one microbatch is the plain step). The pipeline
-schedules `gpipe` and `1f1b` (schedules/pipeline.py) run a model cut into stages over the pp axis.
+schedules `gpipe`, `1f1b` and `interleaved` (schedules/pipeline.py) run a model cut into stages over the pp
+axis; `pipedream` (PipeDream-2BW, schedules/pipedream.py) pipelines across steps without a flush, so its
+work crosses the steps: an action may concern the previous step's batch (`Action.batch`), a step may end
+without a complete gradient (`StepOutput.gradient_ready`), and `settle` completes what is in flight where
+the trainer needs a settled model (an epoch's end, a checkpoint). Synchronous schedules settle nothing.
 """
 
 from __future__ import annotations
@@ -36,11 +40,14 @@ class Action:
         op: forward, backward, or (pipeline schedules) a send or receive of activations or gradients.
         microbatch: the microbatch it concerns, 0-based.
         stage: the pipeline stage it runs on (0 for a whole model).
+        batch: the step's batch it concerns, relative to the step: 0 (this step's), -1 (the previous step's,
+            whose backwards an asynchronous schedule carried over).
     """
 
     op: Op
     microbatch: int
     stage: int = 0
+    batch: int = 0
 
 
 @dataclass
@@ -67,10 +74,13 @@ class StepContext:
 
 @dataclass
 class StepOutput:
-    """The loss and the task's metric, each summed over this rank's samples of the step."""
+    """The loss and the task's metric, each summed over this rank's samples of the step (computed by its
+    forwards), and whether the parameters' .grad hold a complete gradient for the update policy to apply
+    (False only where an asynchronous schedule has none yet: pipedream's first step after a flush)."""
 
     loss_sum: float = 0.0
     metric_sum: float = 0.0
+    gradient_ready: bool = True
 
 
 class StepSchedule(Protocol):
@@ -82,6 +92,18 @@ class StepSchedule(Protocol):
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_microbatches: int,
             context: StepContext) -> StepOutput: ...
+
+    def settle(self, model: nn.Module) -> bool:
+        """At a synchronization point (an epoch's end, a checkpoint; every rank): completes the work the
+        schedule carried over from its steps. True when that left a complete gradient in the parameters'
+        .grad, which the trainer then applies through the update policy's step. Optional: a schedule without
+        it (every synchronous one) carries nothing over."""
+
+
+def settle_schedule(schedule, model: nn.Module) -> bool:
+    """`schedule.settle(model)` where the schedule has one (see StepSchedule.settle), else False."""
+    settle = getattr(schedule, "settle", None)
+    return bool(settle(model)) if settle is not None else False
 
 
 def run_actions(actions: list[Action], model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_microbatches: int,
@@ -147,8 +169,9 @@ def local_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatches:
 
 
 __all__ = ["STEP_SCHEDULES", "Action", "StepContext", "StepOutput", "StepSchedule", "Accumulate", "run_actions",
-           "local_step"]
+           "local_step", "settle_schedule"]
 
 
-# Registers the pipeline schedules (gpipe, 1f1b).
+# Registers the pipeline schedules (gpipe, 1f1b, interleaved; pipedream).
 from polytrain.schedules import pipeline  # noqa: E402,F401
+from polytrain.schedules import pipedream  # noqa: E402,F401

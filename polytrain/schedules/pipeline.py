@@ -18,93 +18,148 @@ waiting (a stage that waited for its send to be taken while its neighbour waits 
 under 1F1B) and completed at the end of the step; receives wait, within the communicator's timeout.
 Activations and gradients travel under their own message tags, so two ranks that exchange both (p = 2,
 interleaved) match each kind in order.
+
+The asynchronous `pipedream` (schedules/pipedream.py) runs on the same runtime: `run_pipeline` takes the
+state it keeps in flight across steps (`InFlight`), the stashed weights its forwards use and whether a
+step's sends may be completed in the next step; `simulate(..., steps=K)` plays K steps and the flush.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+from torch.func import functional_call
 
 from polytrain.parallel.pipeline import ACTIVATION, GRADIENT, PipelineStage
 from polytrain.schedules import STEP_SCHEDULES, Action, StepContext, StepOutput
 
 
-def _forward(i: int, stage: int, stages: int) -> list[Action]:
+def _forward(i: int, stage: int, stages: int, batch: int = 0) -> list[Action]:
     """Microbatch i's forward on (virtual) stage `stage` of `stages`, with its receive and send."""
-    return ([Action("recv_activation", i, stage)] if stage > 0 else []) + [Action("forward", i, stage)] + \
-        ([Action("send_activation", i, stage)] if stage < stages - 1 else [])
+    return ([Action("recv_activation", i, stage, batch)] if stage > 0 else []) + [Action("forward", i, stage, batch)] + \
+        ([Action("send_activation", i, stage, batch)] if stage < stages - 1 else [])
 
 
-def _backward(i: int, stage: int, stages: int) -> list[Action]:
-    return ([Action("recv_gradient", i, stage)] if stage < stages - 1 else []) + [Action("backward", i, stage)] + \
-        ([Action("send_gradient", i, stage)] if stage > 0 else [])
+def _backward(i: int, stage: int, stages: int, batch: int = 0) -> list[Action]:
+    return ([Action("recv_gradient", i, stage, batch)] if stage < stages - 1 else []) + \
+        [Action("backward", i, stage, batch)] + ([Action("send_gradient", i, stage, batch)] if stage > 0 else [])
 
 
 class _SavedActivations:
-    """The bytes autograd saves for backward, per (microbatch, stage) in flight: tensors counted once each
-    (by address), parameters not (they are held anyway)."""
+    """The bytes autograd saves for backward, per (batch, microbatch, stage) in flight: tensors counted once
+    each (by address), weights not (parameters and stashed weight versions are held anyway)."""
 
     def __init__(self, pipe: PipelineStage) -> None:
-        self.parameters = {p.data_ptr() for p in pipe.parameters()}
-        self.live: dict[tuple[int, int], dict[int, int]] = {}
+        self.weights = {p.data_ptr() for p in pipe.parameters()}
+        self.live: dict[tuple[int, int, int], dict[int, int]] = {}
         self.peak = 0
 
-    def hooks(self, key: tuple[int, int]):
+    def hooks(self, key: tuple[int, int, int]):
         saved = self.live.setdefault(key, {})
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             address = tensor.data_ptr()
-            if address not in self.parameters:
+            if address not in self.weights:
                 saved[address] = max(saved.get(address, 0), tensor.numel() * tensor.element_size())
             return tensor
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
 
-    def forwarded(self) -> None:
-        self.peak = max(self.peak, sum(sum(saved.values()) for saved in self.live.values()))
+    def held(self) -> int:
+        return sum(sum(saved.values()) for saved in self.live.values())
 
-    def released(self, key: tuple[int, int]) -> None:
+    def forwarded(self) -> None:
+        self.peak = max(self.peak, self.held())
+
+    def released(self, key: tuple[int, int, int]) -> None:
         self.live.pop(key, None)
 
 
+@dataclass
+class InFlight:
+    """What a pipeline holds between its actions, keyed by (batch, microbatch, stage): received inputs,
+    outputs and losses awaiting their backward, received gradients; the sends not yet completed (with the
+    batch of the step that posted them); the activations saved for backward; microbatches in flight.
+
+    A synchronous schedule's step starts and ends with none; an asynchronous one (pipedream) keeps one across
+    its steps, so the backwards of one step's batch run in the next.
+    """
+
+    inputs: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+    gradients: dict = field(default_factory=dict)
+    losses: dict = field(default_factory=dict)
+    sends: list = field(default_factory=list)
+    saved: _SavedActivations | None = None
+    in_flight: int = 0
+
+
+Weights = Callable[[int, int], "dict[str, torch.Tensor] | None"]
+
+
 def run_pipeline(actions: list[Action], pipe: PipelineStage, x, y, num_microbatches: int,
-                 context: StepContext) -> StepOutput:
+                 context: StepContext, *, flight: InFlight | None = None, batch: int = 0,
+                 weights: Weights | None = None, carry_sends: bool = False) -> StepOutput:
     """Executes a pipeline schedule's actions on this rank's stages; the loss and metric are the last
-    stage's (the other ranks return zeros). Records the step on `pipe.timeline`."""
+    stage's (the other ranks return zeros). Records the step on `pipe.timeline`.
+
+    Synchronous schedules call it with the defaults: every action concerns this step's batch (x, y), the
+    modules' own parameters compute, and the step completes its sends. An asynchronous schedule passes the
+    `flight` it keeps across steps, the absolute number `batch` of this step's batch (an action's batch
+    offset is added to it; forwards are always of this step's batch, x and y may be None without
+    forwards), `weights(batch, stage)`, the parameters (name -> tensor, of `pipe.part(stage)`) that a batch's
+    forwards use (torch.func.functional_call; None: the module's own), and `carry_sends`: leave this step's
+    sends pending (their receives may come in the neighbour's next step) and complete the earlier ones.
+    Each microbatch's loss is divided by its own step's global batch at its forward.
+    """
     started, busy = time.monotonic(), 0.0
-    xs, ys = x.tensor_split(num_microbatches), y.tensor_split(num_microbatches)
+    xs = x.tensor_split(num_microbatches) if x is not None else ()
+    ys = y.tensor_split(num_microbatches) if y is not None else ()
     comm = pipe.comm
-    inputs, outputs, gradients, losses = {}, {}, {}, {}
-    backwards = [(a.microbatch, a.stage) for a in actions if a.op == "backward"]
+    flight = flight if flight is not None else InFlight()
+    if flight.saved is None:
+        flight.saved = _SavedActivations(pipe)
+    inputs, outputs, gradients, losses, saved = (flight.inputs, flight.outputs, flight.gradients, flight.losses,
+                                                 flight.saved)
+    saved.weights = {p.data_ptr() for p in pipe.parameters()} | \
+        {t.data_ptr() for owner in (batch - 1, batch) for stage in pipe.own_stages
+         for t in ((weights(owner, stage) if weights is not None else None) or {}).values()}
+    saved.peak = saved.held()
+    backwards = [(a.microbatch, a.stage, a.batch) for a in actions if a.op == "backward"]
     last = backwards[-1] if backwards else None
-    saved = _SavedActivations(pipe)
-    in_flight = peak_in_flight = 0
+    peak_in_flight = flight.in_flight
     sends = []
     output = StepOutput()
     for action in actions:
-        i, stage = action.microbatch, action.stage
-        key = (i, stage)
+        i, stage, owner = action.microbatch, action.stage, batch + action.batch
+        key = (owner, i, stage)
         if action.op == "recv_activation":
             received = pipe.receive(comm, (len(xs[i]), *pipe.input_shape(stage)), pipe.previous(stage),
                                     "pp:activation", ACTIVATION, like=xs[i])
             inputs[key] = received.requires_grad_()
         elif action.op == "forward":
+            if action.batch != 0:
+                raise ValueError(f"a forward runs this step's batch; got batch offset {action.batch}")
             began = time.monotonic()
+            own = weights(owner, stage) if weights is not None else None
+            value = xs[i] if stage == 0 else pipe.stage_input(stage, inputs[key])
             with context.autocast(), saved.hooks(key):
-                value = pipe.part(stage)(xs[i] if stage == 0 else inputs[key])
+                value = pipe.part(stage)(value) if own is None else functional_call(pipe.part(stage), own, (value,))
                 if pipe.is_last(stage):
                     loss = context.task.loss_sum(value, ys[i])
             if pipe.is_last(stage):
-                losses[key] = loss
+                losses[key] = loss / context.global_batch
                 output.loss_sum += loss.item()
                 output.metric_sum += float(context.task.metric.per_sample_sum(value.detach(), ys[i]))
             else:
                 outputs[key] = value
             busy += time.monotonic() - began
             saved.forwarded()
-            in_flight += 1
-            peak_in_flight = max(peak_in_flight, in_flight)
+            flight.in_flight += 1
+            peak_in_flight = max(peak_in_flight, flight.in_flight)
         elif action.op == "send_activation":
             sends.append(comm.post([(outputs[key].detach().contiguous(), pipe.following(stage))], [],
                                    "pp:activation", ACTIVATION))
@@ -113,22 +168,24 @@ def run_pipeline(actions: list[Action], pipe: PipelineStage, x, y, num_microbatc
                                           GRADIENT, like=outputs[key])
         elif action.op == "backward":
             if context.before_backward is not None:
-                context.before_backward(key == last)
+                context.before_backward((i, stage, action.batch) == last)
             began = time.monotonic()
             if pipe.is_last(stage):
-                context.scale_loss(losses.pop(key) / context.global_batch).backward()
+                context.scale_loss(losses.pop(key)).backward()
             else:
                 outputs.pop(key).backward(gradients.pop(key))
             busy += time.monotonic() - began
             saved.released(key)
-            in_flight -= 1
+            flight.in_flight -= 1
         elif action.op == "send_gradient":
             sends.append(comm.post([(inputs.pop(key).grad.contiguous(), pipe.previous(stage))], [], "pp:gradient",
                                    GRADIENT))
-    for transfer in sends:
+    earlier = [transfer for _, transfer in flight.sends]
+    flight.sends = [(batch, transfer) for transfer in sends] if carry_sends else []
+    for transfer in earlier + ([] if carry_sends else sends):
         transfer.wait()
     pipe.timeline.append({"start": started, "end": time.monotonic(), "busy": busy, "in_flight": peak_in_flight,
-                          "activation_bytes": saved.peak})
+                          "activation_bytes": saved.peak, "weight_versions": 1, "staleness": 0})
     return output
 
 
@@ -208,47 +265,95 @@ class Interleaved(_Pipelined):
 
 
 def simulate(schedule, num_microbatches: int, stages: int, chunks: int = 1, forward_s: float = 1.0,
-             backward_s: float = 2.0) -> dict:
-    """Runs `schedule`'s action lists for every rank against each other as the runtime does (sends posted,
-    receives wait; messages between two ranks matched in order per tag), with every (virtual) stage's
-    forward taking `forward_s` / chunks and its backward `backward_s` / chunks and messages taking no time.
+             backward_s: float = 2.0, steps: int = 1) -> dict:
+    """Runs `schedule`'s action lists for every rank against each other as the runtime does, with every
+    (virtual) stage's forward taking `forward_s` / chunks and its backward `backward_s` / chunks and messages
+    taking no time, for `steps` steps.
 
-    Returns the step's span, each rank's busy seconds and the bubble (the idle share of ranks x span).
+    As in run_pipeline: sends are posted, receives wait; messages between two ranks are matched in order per
+    tag; a send completes when its receive is posted (gloo hands a message over to a posted receive) and a
+    step ends by completing its sends, an asynchronous schedule's (one with `flush_actions`: pipedream) those
+    of the steps before, and at the end its flush completes every backward carried over and every send. The
+    steps follow each other without a pause (no optimizer step, no data loading).
+
+    Returns the span of all steps, each rank's busy seconds and the bubble (the idle share of ranks x span),
+    and per step each rank's (start, end) and the bubble as result.json measures it (1 - busy / (ranks x the
+    span from the first rank's start to the last rank's end); the flush is not a step).
     Raises ValueError on a deadlock or on a receive matched to another message than the one it expects.
     """
-    plans = [schedule.actions(num_microbatches, rank, stages, chunks) for rank in range(stages)]
+    asynchronous = hasattr(schedule, "flush_actions")
+    plans: list[list] = []
+    for rank in range(stages):
+        plan: list = []
+        for step in range(steps):
+            actions = schedule.actions(num_microbatches, rank, stages, chunks, pending=step > 0) if asynchronous \
+                else schedule.actions(num_microbatches, rank, stages, chunks)
+            plan += [("act", step, step + action.batch, action) for action in actions]
+            plan.append(("end", step, step - 1 if asynchronous else step, None))  # complete the sends of steps <= this
+        if asynchronous:  # the flush (counted as step `steps`) runs the last batch's backwards
+            plan += [("act", steps, steps - 1 + action.batch, action)
+                     for action in schedule.flush_actions(num_microbatches, rank, stages, chunks)]
+            plan.append(("end", steps, steps, None))
+        plans.append(plan)
     positions, clocks, busy = [0] * stages, [0.0] * stages, [0.0] * stages
-    channels: dict[tuple[int, int, int], list[tuple[int, int, float]]] = {}
+    step_busy = [[0.0] * (steps + 1) for _ in range(stages)]
+    bounds = [[[None, None] for _ in range(steps + 1)] for _ in range(stages)]
+    channels: dict[tuple[int, int, int], list[tuple[int, int, int, float, list]]] = {}
+    posted: list[list[tuple[int, list]]] = [[] for _ in range(stages)]  # per rank: (step, [taken at or None])
     moved = True
     while moved:
         moved = False
-        for rank, actions in enumerate(plans):
-            while positions[rank] < len(actions):
-                action = actions[positions[rank]]
+        for rank, plan in enumerate(plans):
+            while positions[rank] < len(plan):
+                kind, step, owner, action = plan[positions[rank]]
+                if bounds[rank][step][0] is None:
+                    bounds[rank][step][0] = clocks[rank]
+                if kind == "end":  # `owner`: the last step whose sends are completed here
+                    waited = [taken for poster, taken in posted[rank] if poster <= owner]
+                    if any(taken[0] is None for taken in waited):
+                        break
+                    clocks[rank] = max([clocks[rank]] + [taken[0] for taken in waited])
+                    posted[rank] = [(poster, taken) for poster, taken in posted[rank] if poster > owner]
+                    bounds[rank][step][1] = clocks[rank]
+                    positions[rank] += 1
+                    moved = True
+                    continue
                 ahead = action.op in ("send_activation", "recv_activation")
                 tag = ACTIVATION if ahead else GRADIENT
                 if action.op.startswith("send"):
                     target = action.stage + 1 if ahead else action.stage - 1
+                    taken: list = [None]
                     channels.setdefault((rank, target % stages, tag), []).append(
-                        (action.microbatch, target, clocks[rank]))
+                        (owner, action.microbatch, target, clocks[rank], taken))
+                    posted[rank].append((step, taken))
                 elif action.op.startswith("recv"):
                     source = (action.stage - 1 if ahead else action.stage + 1) % stages
                     queue = channels.get((source, rank, tag))
                     if not queue:
                         break
-                    microbatch, stage, sent = queue.pop(0)
-                    if (microbatch, stage) != (action.microbatch, action.stage):
+                    batch, microbatch, stage, sent, taken = queue.pop(0)
+                    if (batch, microbatch, stage) != (owner, action.microbatch, action.stage):
                         raise ValueError(f"{schedule.name}: rank {rank} expects microbatch {action.microbatch} of "
-                                         f"stage {action.stage} and receives {microbatch} of stage {stage}")
+                                         f"stage {action.stage} of batch {owner} and receives {microbatch} of stage "
+                                         f"{stage} of batch {batch}")
+                    taken[0] = clocks[rank]  # the receive is posted now: the send completes
                     clocks[rank] = max(clocks[rank], sent)
                 else:
                     seconds = (forward_s if action.op == "forward" else backward_s) / chunks
                     clocks[rank] += seconds
                     busy[rank] += seconds
+                    step_busy[rank][step] += seconds
                 positions[rank] += 1
                 moved = True
     stuck = [rank for rank in range(stages) if positions[rank] < len(plans[rank])]
     if stuck:
         raise ValueError(f"{schedule.name} deadlocks: ranks {stuck} wait for messages never sent")
     span = max(clocks)
-    return {"span": span, "busy": busy, "bubble": 1 - sum(busy) / (stages * span)}
+    step_bubbles = []
+    for step in range(steps):
+        step_span = max(bounds[rank][step][1] for rank in range(stages)) - \
+            min(bounds[rank][step][0] for rank in range(stages))
+        step_bubbles.append(1 - sum(step_busy[rank][step] for rank in range(stages)) / (stages * step_span))
+    return {"span": span, "busy": busy, "bubble": 1 - sum(busy) / (stages * span),
+            "steps": [[tuple(bounds[rank][step]) for rank in range(stages)] for step in range(steps)],
+            "step_bubbles": step_bubbles}

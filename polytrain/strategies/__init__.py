@@ -38,16 +38,21 @@ class UpdatePolicy(Protocol):
         Args: frozen dataclass of the policy's arguments (validated in __post_init__).
         parallel: runs with more than one replica.
         compresses: takes a gradient compressor (--compressor).
+        splits_model: splits the model over the dp ranks itself (krizhevsky): no tp or pp axis beside it and
+            no --grad-clip (no rank sees the whole gradient).
 
     An `Args` may define `check_replicas(p)`, raising ValueError for arguments that do not fit p
-    data-parallel replicas; it runs with the rest of the validation, before any worker starts. An `Args`
-    with a `servers` field asks for that many server ranks beside the workers (`server_ranks`): on them the
-    policy is built too, trains on no data, and serves the workers inside `settle` (polytrain.strategies.ps).
+    data-parallel replicas; it runs with the rest of the validation, before any worker starts. So does
+    `check_model(model, p)`, raising ValueError for a model the policy cannot train on p replicas (the
+    launching process builds the model once for it). An `Args` with a `servers` field asks for that many
+    server ranks beside the workers (`server_ranks`): on them the policy is built too, trains on no data, and
+    serves the workers inside `settle` (polytrain.strategies.ps).
     """
 
     Args: type
     parallel: bool
     compresses: bool
+    splits_model: bool
 
     def __init__(self, mesh: Mesh, args: Any, compressor: Compressor | None = None) -> None: ...
 
@@ -95,6 +100,7 @@ class PolicyBase:
 
     parallel = True
     compresses = False
+    splits_model = False
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         return model
@@ -175,7 +181,7 @@ class Local(PolicyBase):
 
 
 # Registers the parallel policies.
-from polytrain.strategies import allreduce, easgd, gossip, hogwild, local_sgd, ps  # noqa: E402,F401
+from polytrain.strategies import allreduce, easgd, gossip, hogwild, krizhevsky, local_sgd, ps  # noqa: E402,F401
 
 __all__ = ["STRATEGIES", "UpdatePolicy", "PolicyBase", "Update", "policy_args", "server_ranks", "build_policy",
            "Local"]

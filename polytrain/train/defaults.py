@@ -163,6 +163,28 @@ def _check_interleaving(exp: Experiment, shape: MeshShape) -> None:
            f"{exp.microbatches} microbatches is not a multiple of {shape.pp}")
 
 
+def _check_asynchronous_pipeline(exp: Experiment, shape: MeshShape, strategy_args) -> None:
+    """A schedule that pipelines across steps (pipedream) needs a pipeline, a policy that applies its delayed
+    gradient as a synchronous step would (its `policies`), and m >= pp microbatches."""
+    schedule = STEP_SCHEDULES.get(exp.step_schedule)
+    policies = getattr(schedule, "policies", None)
+    if policies is None:
+        return
+    name = exp.step_schedule
+    _check(shape.pp > 1, f"step schedule {name} pipelines stages over a pp axis; mesh {shape.describe()} has none "
+                         f"(use --mesh pp=P)")
+    _check(exp.strategy in policies,
+           f"step schedule {name} hands each stage's gradient over one step late, for the update policy to reduce and "
+           f"apply at once; strategy {exp.strategy} does not (use {' or '.join(policies)})")
+    _check(getattr(strategy_args, "sufficient_factors", "off") == "off",
+           f"step schedule {name} applies a batch's gradient in the next step, but sufficient factors rebuild it from "
+           f"the activations of the step's own forwards; use sufficient_factors=off")
+    _check(exp.microbatches >= shape.pp,
+           f"step schedule {name} needs --microbatches >= pp (a new weight version every m >= p microbatches, so "
+           f"that two versions suffice: Narayanan et al. 2021, sec. 3.1); got {exp.microbatches} microbatches for "
+           f"pp {shape.pp}")
+
+
 def _check_servers(exp: Experiment, shape: MeshShape, servers: int) -> None:
     """Servers sit beside data-parallel CPU workers; where they apply the optimizer to their shards, what needs
     the whole model in one place is refused."""
@@ -218,10 +240,17 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
     _check(exp.amp != "fp16" or shape.pp == 1, f"amp fp16 scales the loss on the last of pp {shape.pp} stages "
                                                f"and unscales on every one; use amp bf16 or none")
     _check_interleaving(exp, shape)
+    _check_asynchronous_pipeline(exp, shape, strategy_args)
     _check(exp.tp_plan in TP_PLANS, f"unknown tp plan '{exp.tp_plan}'; available: {', '.join(TP_PLANS)}")
     _check(exp.grad_clip is None or shape.tp == 1,
            f"--grad-clip clips the norm of the whole gradient, but with tp {shape.tp} each rank holds a shard of "
            f"the split layers; use tp=1 or no clipping")
+    if STRATEGIES.get(exp.strategy).splits_model:
+        _check(shape.world_size == shape.dp,
+               f"strategy {exp.strategy} splits the model over the dp ranks itself; mesh {shape.describe()} splits "
+               f"it too (use --mesh dp={shape.world_size})")
+        _check(exp.grad_clip is None, f"--grad-clip clips the norm of the whole gradient, but with strategy "
+                                      f"{exp.strategy} each rank holds a shard of the model; use no clipping")
     straggler = straggler_error(exp.straggler, exp.workers)
     _check(straggler is None, straggler or "")
     if hasattr(strategy_args, "check_replicas"):

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from polytrain.comm import Communicator, CommStats
+from polytrain.comm.mesh import MeshShape
 from polytrain.config import ConfigError, Experiment
 from polytrain.data import load_dataset
 from polytrain.data.augment import augment_images, draw_augmentation
@@ -25,10 +26,10 @@ from polytrain.launch import init_from_torchrun, run_workers, under_torchrun
 from polytrain.models import build_model
 from polytrain.ops.precision import parse_format, quantize_parameters_, rounding_generator
 from polytrain.plugins import load_plugins
-from polytrain.schedules import STEP_SCHEDULES, StepContext
+from polytrain.schedules import STEP_SCHEDULES, StepContext, settle_schedule
 from polytrain.tasks import TASKS, Task
 from polytrain.train.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, reshard_error
-from polytrain.strategies import server_ranks
+from polytrain.strategies import policy_args, server_ranks
 from polytrain.train.defaults import chunks_per_rank, resolve, run_ranks
 from polytrain.train.environment import environment
 from polytrain.train.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
@@ -106,6 +107,20 @@ def load_run_data(exp: Experiment, data=None) -> RunData:
     return loaded
 
 
+def run_model(exp: Experiment, data: RunData, factory: Callable[[], nn.Module] | None) -> nn.Module:
+    """The user's model from `factory`, else the registered model for the data's shape and classes."""
+    if factory is not None:
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"the model factory {exp.model} returned a {type(model).__name__}; "
+                              f"expected a torch.nn.Module")
+        return model
+    if data.num_classes is None:
+        raise ConfigError(f"dataset {exp.dataset} does not say its classes (no num_classes or classes "
+                          f"attribute), so model {exp.model} cannot be built for it; pass your own model")
+    return build_model(exp.model, data.num_classes, data.in_shape, **exp.model_args)
+
+
 @dataclass(frozen=True)
 class OwnObjects:
     """What a user brings instead of registry names (polytrain.train's keywords), sent to every rank.
@@ -169,17 +184,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)  # fail on an unwritable --out before training
 
     def build_model(self, factory: Callable[[], nn.Module] | None) -> nn.Module:
-        """The user's model from `factory`, else the registered model for the data's shape and classes."""
-        if factory is not None:
-            model = factory()
-            if not isinstance(model, nn.Module):
-                raise ConfigError(f"the model factory {self.exp.model} returned a {type(model).__name__}; "
-                                  f"expected a torch.nn.Module")
-            return model
-        if self.data.num_classes is None:
-            raise ConfigError(f"dataset {self.exp.dataset} does not say its classes (no num_classes or classes "
-                              f"attribute), so model {self.exp.model} cannot be built for it; pass your own model")
-        return build_model(self.exp.model, self.data.num_classes, self.data.in_shape, **self.exp.model_args)
+        return run_model(self.exp, self.data, factory)
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
@@ -277,8 +282,15 @@ class Trainer:
             self.save()
 
     def settle(self) -> None:
-        """A synchronization point: the policy completes what is in flight (a parameter server applies every
-        pushed gradient)."""
+        """A synchronization point: the step schedule completes the work it carried over from its steps
+        (pipedream's pending backwards; the gradient they complete is applied through the policy's step),
+        then the policy completes what is in flight (a parameter server applies every pushed gradient)."""
+        if settle_schedule(self.step_schedule, self.model):
+            self.policy.step(self.model, self.session.update, self.position.global_step)
+            # The generator of the next step, whose own rounding follows no update (pipedream's first step
+            # after a flush) and so leaves the stored weights as they are.
+            quantize_parameters_(self.model, self.number_format, self.exp.rounding,
+                                 rounding_generator(self.exp.seed, self.position.global_step))
         self.policy.settle(self.model, self.session.update, self.position.global_step)
 
     def serve_epoch(self, steps: int) -> None:
@@ -311,7 +323,8 @@ class Trainer:
         if not math.isfinite(output.loss_sum):
             self.diverged(output.loss_sum)
         self.session.global_step = self.position.global_step
-        self.session.step()
+        if output.gradient_ready:  # else the schedule has no complete gradient yet: no update (pipedream)
+            self.session.step()
         quantize_parameters_(self.model, self.number_format, self.exp.rounding,
                              rounding_generator(self.exp.seed, self.position.global_step))
         totals = self.position.totals
@@ -518,10 +531,24 @@ def train_sequence(experiments: list[Experiment], *, resume: list[str | Path | N
         raise ConfigError(f"train_sequence got {len(resumes)} resume directories for {len(resolved)} runs")
     for exp, directory in zip(resolved, resumes):
         _resume_state(exp, directory)
+        check_policy_model(exp, own)
     resumes = [str(directory) if directory is not None else None for directory in resumes]
     return run_workers(_train_ranks_sequence, ranks.pop(), (resolved, resumes, report, own),
                        threads=resolved[0].threads,
                        backend=backend_for(resolved[0].device), timeout_s=max(exp.timeout_s for exp in resolved))[0]
+
+
+def check_policy_model(exp: Experiment, own: OwnObjects = OwnObjects()) -> None:
+    """Builds the model once in this process for a policy whose Args check it (`check_model`: krizhevsky's
+    boundary and splits), so that a model it cannot train fails in one line before any worker starts."""
+    args = policy_args(exp.strategy, exp.strategy_args)
+    if not hasattr(args, "check_model"):
+        return
+    model = run_model(exp, load_run_data(exp, own.data), own.model)
+    try:
+        args.check_model(model, MeshShape.from_sizes(exp.mesh).dp)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _own_objects(model, data, task) -> OwnObjects:
@@ -575,6 +602,7 @@ def train(exp: Experiment, *, resume: str | Path | None = None, reporter: Report
     if run_ranks(exp) > 1 and not torchrun:
         if on_step is not None:
             raise ConfigError("on_step callbacks need a single process; spawned workers cannot call back")
+        check_policy_model(exp, own)
         resume_dir = str(resume) if resume is not None else None
         results = run_workers(_train_rank, run_ranks(exp), (exp, resume_dir, reporter is not None, own),
                               threads=exp.threads, backend=backend_for(exp.device), timeout_s=exp.timeout_s)

@@ -38,7 +38,7 @@ def test_workers_are_the_product_of_the_axes_and_a_mismatch_shows_the_arithmetic
     with pytest.raises(MeshError, match=r"^mesh dp 3 x pp 2 = 6 ranks, but --workers is 4$"):
         resolve(Experiment(workers=4, mesh={"dp": 3, "pp": 2}))
     with pytest.raises(ConfigError, match=r"splits the model over pp, but step schedule accumulate does not split "
-                                          r"it over pp \(schedules that do: 1f1b, gpipe; set pp=1\)"):
+                                          r"it over pp \(schedules that do: 1f1b, gpipe, interleaved, pipedream; set pp=1\)"):
         resolve(Experiment(mesh={"dp": 2, "pp": 2}))
     with pytest.raises(ConfigError, match="global batch 128 is not divisible by 3 workers"):
         resolve(Experiment(mesh={"dp": 3}))

@@ -189,7 +189,7 @@ def test_a_resumed_pipelined_run_equals_the_uninterrupted_one(runs):
 
 @pytest.mark.parametrize("changes, message", [
     ({"workers": 2, "mesh": {"pp": 2}}, "splits the model over pp, but step schedule accumulate does not split it "
-                                        "over pp \\(schedules that do: 1f1b, gpipe, interleaved; set pp=1\\)"),
+                                        "over pp \\(schedules that do: 1f1b, gpipe, interleaved, pipedream; set pp=1\\)"),
     ({"workers": 1, "step_schedule": "interleaved"}, "interleaves pipeline stages over a pp axis; mesh dp 1 = 1 rank has none"),
     ({"workers": 2, "mesh": {"pp": 2}, "step_schedule": "interleaved", "virtual_stages": 1}, "virtual_stages >= 2"),
     ({"workers": 2, "mesh": {"pp": 2}, "step_schedule": "interleaved", "microbatches": 3}, "groups of the pp 2 ranks; "
@@ -218,3 +218,18 @@ def test_dp_pp_tp_on_eight_ranks_equals_one_worker(tmp_path):
     reference = train(DIGITS.replace(workers=1, out=str(tmp_path / "reference")))
     assert max_difference(weights(tmp_path / "hybrid"), weights(tmp_path / "reference")) <= 1e-5
     assert run.epochs[0]["test_loss"] == pytest.approx(reference.epochs[0]["test_loss"], rel=1e-5)
+
+
+def in_place_after_the_cut():
+    # The cost model cuts before the ReLU (2048 multiply-adds | 320): the second stage begins in place.
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(inplace=True),
+                               torch.nn.Linear(32, 10))
+
+
+def test_a_stage_that_begins_in_place_works_on_a_copy_of_what_it_receives(tmp_path):
+    exp = DIGITS.replace(model=None, workers=2, mesh={"pp": 2}, step_schedule="1f1b", out=str(tmp_path / "pp"))
+    result = train(exp, model=in_place_after_the_cut)
+    train(exp.replace(workers=1, mesh={}, step_schedule="accumulate", out=str(tmp_path / "one")),
+          model=in_place_after_the_cut)
+    assert result.comm["pipeline"]["cuts"] == [0, 2, 4]
+    assert max_difference(weights(tmp_path / "pp"), weights(tmp_path / "one")) <= 1e-5
