@@ -5,8 +5,8 @@ The model is the zoo's MLP with eight hidden layers of 1024 (`model_args hidden=
 layers of nearly equal cost, so the cost model's cut balances p = 2 and p = 4 within 4 %) on mnist5k
 (4000 training samples), microbatches of 32 samples (the batch is 32 m: every microbatch costs the same
 whatever m), momentum SGD, one epoch per run, `threads=1` per rank. Per run, result.json's `pipeline`
-section gives the measured bubble (per step, 1 - the stages' busy seconds / (p x the step's span from the
-first stage's start to the last one's end), the median over the steps after the first) and per stage the
+section gives the measured bubble (per step, 1 - the stages' busy seconds / the sum of each stage's own
+span from its start to its end, the median over the steps after the first) and per stage the
 most microbatches in flight and the most activation bytes saved for backward. The simulated bubble runs
 the schedule's action lists with forward 1 and backward 2 per stage (polytrain.schedules.pipeline.simulate).
 

@@ -47,6 +47,9 @@ class Experiment:
         tp_plan: which layers a tp axis above 1 splits: linear (pairs of linear layers, Megatron) or
             conv+linear (convolutions by filters and input channels too; polytrain.parallel.tensor).
         virtual_stages: stages per pp rank under the interleaved schedule (the model is cut into pp x v).
+        partition: how a pp axis cuts the model into stages at its top-level modules: flops (balanced by the
+            cost model), time (balanced by each module's measured forward and backward on a microbatch), or
+            the module indices where stages 2, 3, ... begin, e.g. [3, 7] (polytrain.parallel.pipeline).
         strategy: the update policy, how replicas stay consistent (None: local for one worker, allreduce
             for more).
         strategy_args: arguments of the strategy.
@@ -100,6 +103,7 @@ class Experiment:
     step_schedule: str = "accumulate"
     tp_plan: str = "linear"
     virtual_stages: int = 2
+    partition: str | list = "flops"
     strategy: str | None = None
     strategy_args: dict = field(default_factory=dict)
     device: str = "auto"
@@ -173,7 +177,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 def _type_words(allowed: tuple[type, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             dict: "a table of key=value", type(None): "none"}
+             dict: "a table of key=value", list: "a list", type(None): "none"}
     return " or ".join(names.get(t, t.__name__) for t in allowed)
 
 

@@ -8,7 +8,8 @@ labelled with the axis; all of a rank's communicators, and the bookkeeping one o
 share one CommStats, so result.json shows every byte by axis and operation.
 
 Server ranks (a parameter server's, polytrain.strategies.ps) sit beside the product, not inside it: a
-mesh of W workers with k servers spans W + k ranks, the workers first (rank 0 stays a worker, the one that
+mesh of W workers (dp, or dp x pp: DistBelief's model-parallel replicas) with k servers spans W + k ranks,
+the workers first (rank 0 stays a worker, the one that
 reports and writes the results), the servers after them. Workers and servers share a communicator of their
 own, axis "ps", so that a server receiving from whichever worker is first never meets the run's other
 traffic; the workers' dp communicator leaves the servers out.
@@ -149,24 +150,30 @@ class Mesh:
 
     @classmethod
     def _with_servers(cls, shape: MeshShape, world: Communicator, servers: int) -> "Mesh":
-        if shape.world_size != shape.dp:
-            raise MeshError(f"server ranks sit beside data-parallel workers only; mesh {shape.describe()} splits "
-                            f"the model")
-        if world.world_size != shape.dp + servers:
-            raise MeshError(f"{shape.dp} workers + {servers} servers = {shape.dp + servers} ranks, but the run "
+        if shape.tp > 1:
+            raise MeshError(f"server ranks hold whole parameter tensors, but mesh {shape.describe()} splits them "
+                            f"over tp; use dp and pp only")
+        workers = shape.world_size
+        if world.world_size != workers + servers:
+            raise MeshError(f"{workers} workers + {servers} servers = {workers + servers} ranks, but the run "
                             f"has {world.world_size}")
         import torch.distributed as dist
 
-        def global_ranks(count: int) -> list[int]:
-            return [r if world.group is None else dist.get_global_rank(world.group, r) for r in range(count)]
+        def global_ranks(ranks) -> list[int]:
+            return [r if world.group is None else dist.get_global_rank(world.group, r) for r in ranks]
 
-        # Every rank of the world takes part in creating every group, members or not (torch's rule).
-        workers_group = dist.new_group(global_ranks(shape.dp))
-        ps_group = dist.new_group(global_ranks(world.world_size))
-        is_server = world.rank >= shape.dp
-        comms = {"ps": world.sibling("ps", ps_group)}
-        if not is_server:
-            comms["dp"] = world.sibling("dp", workers_group)
+        # Every rank of the world takes part in creating every group, members or not (torch's rule): one
+        # group per axis line of the workers (DeviceMesh would span the servers too), then the ps group.
+        comms = {}
+        for axis, size in shape.sizes().items():
+            if size == 1:
+                continue
+            for members in sorted({tuple(shape.axis_group(axis, r)) for r in range(workers)}):
+                group = dist.new_group(global_ranks(members))
+                if world.rank in members:
+                    comms[axis] = world.sibling(axis, group)
+        comms["ps"] = world.sibling("ps", dist.new_group(global_ranks(range(world.world_size))))
+        is_server = world.rank >= workers
         coords = {axis: 0 for axis in AXES} if is_server else shape.coordinates(world.rank)
         return cls(shape, world.rank, coords, comms, world.sibling(BOOKKEEPING), servers)
 

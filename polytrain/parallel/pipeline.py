@@ -1,9 +1,11 @@
 """Pipeline parallelism: an nn.Sequential cut into contiguous stages over the ranks of the mesh's pp axis.
 
-`cut_points(model, stages, input_shape)` balances the stages by the cost model's arithmetic (forward and
-backward FLOPs per sample of each top-level module, polytrain.cost): the contiguous partition whose most
-expensive stage is cheapest. Top-level modules are kept whole (a residual block is one module), so a model
-with fewer top-level modules than stages cannot be cut (one line).
+`cut_points(model, stages, input_shape, partition)` cuts where the user says (a list of module indices) or
+balances the stages: by the cost model's arithmetic ("flops", the default: forward and backward FLOPs per
+sample of each top-level module, polytrain.cost) or by measured time ("time": forward and backward of each
+module on a microbatch, `module_times`): the contiguous partition whose most expensive stage is cheapest.
+Top-level modules are kept whole (a residual block is one module), so a model with fewer top-level modules
+than stages cannot be cut (one line, before any worker starts).
 
 `PipelineStage` is a rank's part: the modules of its stage, or of its v virtual stages under an interleaved
 schedule (its parameters are the only ones the update policy sees), the shapes of the activations it
@@ -46,15 +48,72 @@ def _costs(model: nn.Sequential, input_shape: tuple[int, ...]) -> list[float]:
     return [totals[name] for name in names]
 
 
-def cut_points(model: nn.Module, stages: int, input_shape: tuple[int, ...]) -> list[int]:
-    """Indices [0, c1, ..., len] of the top-level modules where the `stages` stages begin (and the end),
-    balanced by the cost model's FLOPs (`balanced_cuts`)."""
+PARTITIONS = ("flops", "time")  # or the user's cuts: a list of module indices
+
+
+def check_partition(model: nn.Module, stages: int, partition: str | list) -> None:
+    """Raises ValueError unless `model` is an nn.Sequential of at least `stages` top-level modules and
+    `partition` is "flops", "time" or `stages - 1` increasing module indices in 1 .. len - 1 (where the
+    second to the last stage begin)."""
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"pp cuts an nn.Sequential at its top-level modules; the model is a {type(model).__name__}")
     if stages > len(model):
         raise ValueError(f"pp {stages} cuts the model into {stages} stages at its top-level modules, but it has "
                          f"{len(model)}; use pp <= {len(model)}")
+    if isinstance(partition, str):
+        if partition not in PARTITIONS:
+            raise ValueError(f"unknown partition '{partition}'; expected {' or '.join(PARTITIONS)}, or a list of "
+                             f"the module indices where stages 2 to {stages} begin")
+        return
+    valid = (len(partition) == stages - 1 and all(isinstance(c, int) and not isinstance(c, bool) for c in partition)
+             and list(partition) == sorted(set(partition)) and all(0 < c < len(model) for c in partition))
+    if not valid:
+        raise ValueError(f"partition {list(partition)}: expected {stages - 1} increasing module indices in 1 .. "
+                         f"{len(model) - 1}, where stages 2 to {stages} of the {len(model)} top-level modules begin")
+
+
+def cut_points(model: nn.Module, stages: int, input_shape: tuple[int, ...], partition: str | list = "flops",
+               costs: list[float] | None = None) -> list[int]:
+    """Indices [0, c1, ..., len] of the top-level modules where the `stages` stages begin (and the end): the
+    user's `partition`, or balanced (`balanced_cuts`) by the cost model's FLOPs or by measured `costs`
+    (partition "time": `module_times`, measured by the caller)."""
+    check_partition(model, stages, partition)
+    if not isinstance(partition, str):
+        return [0, *partition, len(model)]
+    if partition == "time":
+        if costs is None or len(costs) != len(model):
+            raise ValueError("partition 'time' balances measured times: give the costs of every top-level module")
+        return balanced_cuts(costs, stages)
     return balanced_cuts(_costs(model, input_shape), stages)
+
+
+def module_times(model: nn.Sequential, input_shape: tuple[int, ...], batch: int, repeats: int = 3) -> list[float]:
+    """Median seconds of forward + backward of each top-level module of `model` on a batch of `batch` random
+    samples, after one warm-up. A copy of the model runs (no gradient or batch-norm statistic of the run
+    changes) inside a forked random stream (dropout draws nothing from the run's)."""
+    import copy
+    import time
+
+    probe = copy.deepcopy(model).train()
+    parameter = next(probe.parameters())
+    synchronize = torch.cuda.synchronize if parameter.device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.random.fork_rng(devices=[parameter.device] if parameter.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        value = torch.randn(batch, *input_shape, dtype=parameter.dtype, device=parameter.device)
+        for module in probe:
+            samples = []
+            for _ in range(repeats + 1):
+                inputs = value.detach().clone().requires_grad_()
+                synchronize()
+                started = time.perf_counter()
+                output = module(inputs)
+                output.backward(torch.ones_like(output))
+                synchronize()
+                samples.append(time.perf_counter() - started)
+            times.append(statistics.median(samples[1:]))
+            value = output.detach()
+    return times
 
 
 def balanced_cuts(costs: list[float], stages: int) -> list[int]:
@@ -219,17 +278,20 @@ def bubble_formula(stages: int, microbatches: int, chunks: int = 1) -> float:
 
 def pipeline_report(stage: PipelineStage, schedule: str, microbatches: int) -> dict | None:
     """result.json's `pipeline`, on the pp group's first rank (None elsewhere; bookkeeping, collective): the
-    bubble measured in each step, the idle share of the p stages x the step's span, from the first stage's
-    start to the last one's end, beside the formula; the median over the steps after the first (which warms
-    up); every step's span (`step_s`); per stage its busy seconds, peak microbatches in flight, peak
-    activation bytes and the most weight versions held at once; and the staleness of the updates (the most,
-    and how many updates had each).
+    bubble measured in each step, the idle share of the stages' own steps (1 - their busy seconds / the sum
+    of their spans from start to end: the time a stage waits inside its step, for a neighbour's activation
+    or gradient, or for its sends to complete), beside the formula; the median over the steps after the
+    first (which warms up); every step's span from the first stage's start to the last one's end (`step_s`);
+    per stage its busy seconds, peak microbatches in flight, peak activation bytes and the most weight
+    versions held at once; and the staleness of the updates (the most, and how many updates had each).
 
-    An asynchronous schedule (pipedream) also records its flushes (epoch ends, checkpoints), which are not
-    steps: their busy seconds count for their stage, their spans for no bubble. Its formula is the idle share
-    of a balanced pipeline that fills and drains once per flush, flushes (p-1) / (steps m + flushes (p-1));
-    its measured per-step bubble counts the stages' offset in time as idle, though no stage waits in the
-    steady state: (p-1) F / (m (F + B) + (p-1) F) for forwards of F and backwards of B seconds (`simulate`)."""
+    Each stage's own span counts the fill and drain once: the drain a stage waits for at the end of a step
+    falls into its next step's wait (a span from the first start to the last end would count it in both, as
+    the stages' steps overlap), and the optimizer's step and the data between steps count in none (the
+    formula has neither). An asynchronous schedule (pipedream) also records its flushes (epoch ends,
+    checkpoints), which are not steps: their busy seconds count for their stage, their spans for no bubble.
+    Its formula is the idle share of a balanced pipeline that fills and drains once per flush,
+    flushes (p-1) / (steps m + flushes (p-1)); between flushes no stage waits in the steady state."""
     timelines = gather_objects(stage.books, stage.timeline)
     if timelines is None:
         return None
@@ -239,9 +301,9 @@ def pipeline_report(stage: PipelineStage, schedule: str, microbatches: int) -> d
         rows = [timeline[index] for timeline in timelines]
         if rows[0].get("flush"):
             continue
-        span = max(row["end"] for row in rows) - min(row["start"] for row in rows)
-        spans.append(span)
-        bubbles.append(1 - sum(row["busy"] for row in rows) / (len(rows) * span) if span > 0 else 0.0)
+        spans.append(max(row["end"] for row in rows) - min(row["start"] for row in rows))
+        own = sum(row["end"] - row["start"] for row in rows)
+        bubbles.append(1 - sum(row["busy"] for row in rows) / own if own > 0 else 0.0)
     measured = bubbles[1:] or bubbles
     flushes = sum(1 for row in timelines[0][:rows_per_stage] if row.get("flush"))
     formula = bubble_formula(stage.stages, microbatches, stage.chunks)

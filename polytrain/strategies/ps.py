@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from polytrain.comm.communicator import BOOKKEEPING
-from polytrain.comm.gather import gather_objects
+from polytrain.comm.gather import all_gather, gather_objects
 from polytrain.comm.mesh import Mesh
 from polytrain.strategies import STRATEGIES, PolicyBase, Update
 from polytrain.strategies.averaging import average_into
@@ -81,6 +81,7 @@ class ParameterServerArgs:
     fetch_every: int = 1
     groups: int | None = None
     servers_step = True  # the servers apply the optimizer (train/defaults refuses what needs it on the workers)
+    serves_stages = True  # each pipeline stage exchanges its own tensors with the servers (DistBelief)
 
     def __post_init__(self) -> None:
         _whole(self.servers, "servers", 1)
@@ -152,7 +153,7 @@ class ParameterServer(PolicyBase):
         if mesh.servers != args.servers:
             raise ValueError(f"ps:servers={args.servers}, but the mesh has {mesh.servers} server ranks")
         self.mesh, self.args, self.ps = mesh, args, mesh.comms["ps"]
-        self.workers = mesh.shape.dp
+        self.workers = mesh.shape.world_size  # every worker rank: dp replicas x pp stages
         self.server_ranks = list(range(self.workers, self.workers + args.servers))
         groups = worker_groups(self.workers, args.groups or self.workers)
         self.leaders = [group[0] for group in groups]
@@ -167,36 +168,59 @@ class ParameterServer(PolicyBase):
         return self.mesh.rank in self.leaders
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
-        params = list(model.parameters())
+        # The optimizer holds the whole model's parameters on every rank (a pipeline stage's model only its
+        # own): their order is the one all ranks shard by.
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.args.servers > len(params):
             raise ValueError(f"ps:servers={self.args.servers}, but the model has {len(params)} parameter tensors "
                              f"to shard (at most one server per tensor)")
         indices = shard_tensors([p.numel() * p.element_size() for p in params], self.args.servers)
-        self.shards = [[params[i] for i in shard] for shard in indices]
-        self.shard_bytes = [sum(p.numel() * p.element_size() for p in shard) for shard in self.shards]
-        self.shard_numel = [sum(p.numel() for p in shard) for shard in self.shards]
+        self.shard_bytes = [sum(params[i].numel() * params[i].element_size() for i in shard) for shard in indices]
         self.dtype = params[0].dtype
         if any(p.dtype != self.dtype for p in params):
             raise ValueError(f"ps sends each shard as one flat tensor; the model mixes parameter dtypes "
                              f"{sorted({str(p.dtype) for p in params})}")
         self.optimizer = optimizer
+        held = self.held_tensors(model, params)
+        # pieces[w][j]: the tensors (indices into params) worker w exchanges with server j.
+        pieces = [[[i for i in shard if i in held[w]] for shard in indices] for w in range(self.workers)]
         if self.mesh.is_server:
-            self.shard = self.shards[self.mesh.rank - self.workers]
+            j = self.mesh.rank - self.workers
+            self.shard = [params[i] for i in indices[j]]
             self.version = 0  # updates applied to this shard
+            # The contributors of this shard (leaders holding any of it) and where their tensors sit in it.
+            self.contributors = [w for w in self.leaders if pieces[w][j]]
+            place = {i: k for k, i in enumerate(indices[j])}
+            self.pieces = {w: [place[i] for i in pieces[w][j]] for w in self.contributors}
             self.buckets: dict[int, dict[int, tuple[torch.Tensor, int, list[float]]]] = {}
             self.waiting: list[tuple[int, int]] = []  # (contributor, step) asking for parameters
             self.outgoing: dict[int, PostedSends] = {}  # replies in flight, per contributor
         else:
-            self.versions = [0] * self.args.servers  # of the parameters this worker holds, per shard
+            # This worker's links: the servers it talks to, each with the tensors it holds of their shard.
+            mine = pieces[self.mesh.rank]
+            self.links = [j for j in range(self.args.servers) if mine[j]]
+            self.local = [[params[i] for i in mine[j]] for j in self.links]
+            self.local_numel = [sum(p.numel() for p in tensors) for tensors in self.local]
+            self.versions = [0] * len(self.links)  # of the parameters this worker holds, per link
             self.pending: list[torch.Tensor] | None = None  # async: gradients summed since the last push
             self.pending_versions: list[int] = []
-            self.books = self.mesh.dp.sibling(BOOKKEEPING)
+            self.books = self.mesh.dp.sibling(BOOKKEEPING) if self.mesh.dp is not None else None
         return model
+
+    def held_tensors(self, model: nn.Module, params: list[nn.Parameter]) -> list[set[int]]:
+        """For every worker, the indices of the parameters it holds: all of them, or with pp its stage's
+        (gathered over the world, as bookkeeping)."""
+        if self.mesh.shape.pp == 1:
+            return [set(range(len(params)))] * self.workers
+        own = {id(p) for p in model.parameters()}
+        mine = [] if self.mesh.is_server else [i for i, p in enumerate(params) if id(p) in own]
+        gathered = all_gather(self.mesh.bookkeeping, torch.tensor(mine, dtype=torch.int64))
+        return [set(t.tolist()) for t in gathered[:self.workers]]
 
     # -- the worker's side -------------------------------------------------------------------------------
 
     def step(self, model: nn.Module, update: Update, global_step: int) -> None:
-        gradients = [_gradients(shard) for shard in self.shards]
+        gradients = [_gradients(tensors) for tensors in self.local]
         self.since_push += 1
         self.since_fetch += 1
         push = self.since_push == self.args.push_every
@@ -225,7 +249,7 @@ class ParameterServer(PolicyBase):
     def sum_group(self, gradients: list[torch.Tensor]) -> list[torch.Tensor]:
         """The group's gradient: the leader's plus its members', in rank order."""
         members = self.group[1:]
-        received = [torch.empty(sum(self.shard_numel), dtype=self.dtype) for _ in members]
+        received = [torch.empty(sum(self.local_numel), dtype=self.dtype) for _ in members]
         self.ps.exchange([], list(zip(received, members)), "ps:group_reduce")
         total = torch.cat(gradients)
         for other in received:
@@ -236,13 +260,14 @@ class ParameterServer(PolicyBase):
         """Sends a header (and the summed gradients) to every server; with `fetch`, takes the replies and
         the parameters of every server that has newer ones. Returns whether any parameters came."""
         lrs = [float(group["lr"]) for group in self.optimizer.param_groups]
+        servers = [self.server_ranks[j] for j in self.links]
         sends, pushes = [], []
-        for j, server in enumerate(self.server_ranks):
-            version = self.pending_versions[j] if push else self.versions[j]
+        for k, server in enumerate(servers):
+            version = self.pending_versions[k] if push else self.versions[k]
             header = torch.tensor([kind, clock, version, float(push), float(fetch), *lrs], dtype=torch.float64)
             sends.append((header, server))
             if push:
-                pushes.append((self.pending[j].contiguous(), server))
+                pushes.append((self.pending[k].contiguous(), server))
         pending = [self.ps.post(sends, [], "ps:header"), self.ps.post(pushes, [], "ps:push")]
         for transfer in pending:
             transfer.wait()
@@ -250,21 +275,21 @@ class ParameterServer(PolicyBase):
             self.pending = None
         if not fetch:
             return False
-        replies = [torch.empty(REPLY_FIELDS, dtype=torch.float64) for _ in self.server_ranks]
-        buffers = {j: torch.empty(self.shard_numel[j], dtype=self.dtype) for j in range(len(self.server_ranks))}
-        parameters = [(buffers[j], server) for j, server in enumerate(self.server_ranks)]
+        replies = [torch.empty(REPLY_FIELDS, dtype=torch.float64) for _ in servers]
+        buffers = [torch.empty(numel, dtype=self.dtype) for numel in self.local_numel]
+        parameters = list(zip(buffers, servers))
         if kind == STEP:  # the parameters always follow: both receives at once
-            transfers = [self.ps.post([], list(zip(replies, self.server_ranks)), "ps:header"),
+            transfers = [self.ps.post([], list(zip(replies, servers)), "ps:header"),
                          self.ps.post([], parameters, "ps:pull")]
             for transfer in transfers:
                 transfer.wait()
-            newer = list(buffers)
+            newer = list(range(len(servers)))
         else:  # at a synchronization point, only from servers whose shard is newer than this worker's
-            self.ps.exchange([], list(zip(replies, self.server_ranks)), "ps:header")
-            newer = [j for j, reply in enumerate(replies) if reply[1] > 0]
-            self.ps.exchange([], [parameters[j] for j in newer], "ps:pull")
-        for j in newer:
-            write_flat(self.shards[j], buffers[j])
+            self.ps.exchange([], list(zip(replies, servers)), "ps:header")
+            newer = [k for k, reply in enumerate(replies) if reply[1] > 0]
+            self.ps.exchange([], [parameters[k] for k in newer], "ps:pull")
+        for k in newer:
+            write_flat(self.local[k], buffers[k])
         self.versions = [int(reply[0]) for reply in replies]
         return bool(newer)
 
@@ -276,16 +301,16 @@ class ParameterServer(PolicyBase):
         flag = torch.tensor([float(changed)])
         self.ps.exchange([(flag, m) for m in members], [], "ps:header")
         if changed:
-            flat = torch.cat([flatten(shard) for shard in self.shards])
+            flat = torch.cat([flatten(tensors) for tensors in self.local])
             self.ps.exchange([(flat, m) for m in members], [], "ps:group_broadcast")
 
     def receive_from_leader(self) -> None:
         flag = torch.empty(1)
         self.ps.recv(flag, self.group[0], "ps:header")
         if flag.item():
-            flat = torch.empty(sum(self.shard_numel), dtype=self.dtype)
+            flat = torch.empty(sum(self.local_numel), dtype=self.dtype)
             self.ps.recv(flat, self.group[0], "ps:group_broadcast")
-            write_flat([p for shard in self.shards for p in shard], flat)
+            write_flat([p for tensors in self.local for p in tensors], flat)
 
     # -- synchronization points --------------------------------------------------------------------------
 
@@ -309,12 +334,12 @@ class ParameterServer(PolicyBase):
         """Serves the contributors (leaders) until each has settled at step `target`."""
         header = torch.empty(HEADER_FIELDS + len(self.optimizer.param_groups), dtype=torch.float64)
         settled: dict[int, int] = {}  # contributor -> version of the parameters it holds
-        while len(settled) < len(self.leaders):
+        while len(settled) < len(self.contributors):
             source = self.ps.recv_any(header, "ps:header")
             fields = header.tolist()
             clock, version = int(fields[CLOCK]), int(fields[VERSION])
             if fields[HAS_GRADIENT]:
-                gradient = torch.empty(self.shard_numel[self.mesh.rank - self.workers], dtype=self.dtype)
+                gradient = torch.empty(sum(self.shard[k].numel() for k in self.pieces[source]), dtype=self.dtype)
                 self.ps.recv(gradient, source, "ps:push")
                 self.receive_gradient(gradient, source, clock, version, fields[HEADER_FIELDS:], update)
             if fields[KIND] == SETTLE:
@@ -334,23 +359,26 @@ class ParameterServer(PolicyBase):
     def receive_gradient(self, gradient: torch.Tensor, source: int, clock: int, version: int, lrs: list[float],
                          update: Update) -> None:
         if self.args.bound is None:  # async: applied as it arrives
-            self.apply(gradient, lrs, update, [self.version - version])
+            self.apply({source: gradient}, lrs, update, [self.version - version])
             return
         bucket = self.buckets.setdefault(clock, {})
         bucket[source] = (gradient, version, lrs)
         # Steps complete in order: every contributor pushes its steps in order.
-        while len(self.buckets.get(self.version, ())) == len(self.leaders):
+        while len(self.buckets.get(self.version, ())) == len(self.contributors):
             complete = self.buckets.pop(self.version)
-            total = complete[self.leaders[0]][0]
-            for leader in self.leaders[1:]:
-                total += complete[leader][0]
-            self.apply(total, complete[self.leaders[0]][2], update,
-                       [self.version - complete[leader][1] for leader in self.leaders])
+            self.apply({w: complete[w][0] for w in self.contributors}, complete[self.contributors[0]][2], update,
+                       [self.version - complete[w][1] for w in self.contributors])
 
-    def apply(self, gradient: torch.Tensor, lrs: list[float], update: Update, staleness: list[int]) -> None:
-        """One optimizer step of this shard with `gradient`, at the workers' learning rates."""
-        for param, values in zip(self.shard, gradient.split([p.numel() for p in self.shard])):
-            param.grad = values.view_as(param)
+    def apply(self, gradients: dict[int, torch.Tensor], lrs: list[float], update: Update,
+              staleness: list[int]) -> None:
+        """One optimizer step of this shard with the sum of the contributors' `gradients` (each over its
+        tensors of the shard; a tensor no one sent keeps no gradient, so the optimizer leaves it), at the
+        workers' learning rates."""
+        for source, gradient in gradients.items():  # in contributor order: the sum of allreduce's groups
+            tensors = [self.shard[k] for k in self.pieces[source]]
+            for param, values in zip(tensors, gradient.split([p.numel() for p in tensors])):
+                values = values.view_as(param)
+                param.grad = values if param.grad is None else param.grad + values
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         update()
@@ -377,7 +405,8 @@ class ParameterServer(PolicyBase):
         if previous is not None:
             previous.wait()
         reply = torch.tensor([float(self.version), float(send_parameters)], dtype=torch.float64)
-        sends = [(reply, source)] + ([(flatten(self.shard), source)] if send_parameters else [])
+        shard = [self.shard[k] for k in self.pieces[source]]
+        sends = [(reply, source)] + ([(flatten(shard), source)] if send_parameters else [])
         self.outgoing[source] = PostedSends([self.ps.post(sends[:1], [], "ps:header")] +
                                          [self.ps.post(sends[1:], [], "ps:pull")] * send_parameters, sends)
 
@@ -386,7 +415,7 @@ class ParameterServer(PolicyBase):
     def evaluation_model(self, model: nn.Module):
         """The servers' parameters (every worker holds them after `settle`), with floating buffers (batch
         norm) averaged over the workers as bookkeeping, as allreduce does."""
-        if not self.mesh.is_server:
+        if not self.mesh.is_server and self.books is not None:
             average_into([b for b in model.buffers() if b.is_floating_point()], self.books)
         return super().evaluation_model(model)
 

@@ -19,6 +19,7 @@ from polytrain.models import MODELS
 from polytrain.ops.precision import ROUNDING_MODES, parse_format
 from polytrain.plugins import load_plugins
 from polytrain.schedules import STEP_SCHEDULES
+from polytrain.parallel.pipeline import PARTITIONS
 from polytrain.parallel.tensor import TP_PLANS
 from polytrain.strategies import STRATEGIES, policy_args, server_ranks
 from polytrain.tasks import ACCURACY, TASKS
@@ -188,11 +189,19 @@ def _check_asynchronous_pipeline(exp: Experiment, shape: MeshShape, strategy_arg
 def _check_servers(exp: Experiment, shape: MeshShape, servers: int) -> None:
     """Servers sit beside data-parallel CPU workers; where they apply the optimizer to their shards, what needs
     the whole model in one place is refused."""
-    _check(shape.world_size == shape.dp, f"strategy {exp.strategy} puts servers beside data-parallel workers; mesh "
-                                         f"{shape.describe()} splits the model (use dp only)")
+    args = policy_args(exp.strategy, exp.strategy_args)
+    if getattr(args, "serves_stages", False):  # DistBelief: model-parallel replicas, their stages' tensors served
+        _check(shape.tp == 1, f"strategy {exp.strategy} serves whole tensors to replicas or to their pipeline stages; "
+                              f"mesh {shape.describe()} splits layers over tp (use dp and pp)")
+        _check(shape.pp == 1 or args.groups is None,
+               f"{exp.strategy} groups sum whole replicas' gradients at a leader, but with pp {shape.pp} each rank "
+               f"holds one stage; use no groups")
+    else:
+        _check(shape.world_size == shape.dp, f"strategy {exp.strategy} puts servers beside data-parallel workers; "
+                                             f"mesh {shape.describe()} splits the model (use dp only)")
     _check(exp.device == "cpu", f"the servers of {exp.strategy} take messages from whichever worker is first, "
                                 f"which gloo does on CPU ranks and nccl does not; use --device cpu")
-    if not policy_args(exp.strategy, exp.strategy_args).servers_step:
+    if not args.servers_step:
         return  # the workers step their own optimizers (easgd's center on servers)
     _check(exp.grad_clip is None or servers == 1,
            f"--grad-clip clips the norm of the whole gradient, but {servers} servers each see one shard; use "
@@ -242,6 +251,9 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
     _check_interleaving(exp, shape)
     _check_asynchronous_pipeline(exp, shape, strategy_args)
     _check(exp.tp_plan in TP_PLANS, f"unknown tp plan '{exp.tp_plan}'; available: {', '.join(TP_PLANS)}")
+    _check(not isinstance(exp.partition, str) or exp.partition in PARTITIONS,
+           f"unknown partition '{exp.partition}'; expected {' or '.join(PARTITIONS)}, or a list of the module "
+           f"indices where stages 2, 3, ... begin")
     _check(exp.grad_clip is None or shape.tp == 1,
            f"--grad-clip clips the norm of the whole gradient, but with tp {shape.tp} each rank holds a shard of "
            f"the split layers; use tp=1 or no clipping")

@@ -25,6 +25,7 @@ from polytrain.data.sampler import ShardedBatchSampler
 from polytrain.launch import init_from_torchrun, run_workers, under_torchrun
 from polytrain.models import build_model
 from polytrain.ops.precision import parse_format, quantize_parameters_, rounding_generator
+from polytrain.parallel.pipeline import check_partition
 from polytrain.plugins import load_plugins
 from polytrain.schedules import STEP_SCHEDULES, StepContext, settle_schedule
 from polytrain.tasks import TASKS, Task
@@ -160,7 +161,7 @@ class Trainer:
         self.session = Session(comm, strategy=exp.strategy, strategy_args=exp.strategy_args,
                                compressor=exp.compressor, compressor_args=exp.compressor_args, mesh=exp.mesh,
                                device=exp.device, amp=exp.amp, grad_clip=exp.grad_clip, seed=exp.seed,
-                               tp_plan=exp.tp_plan, chunks=chunks_per_rank(exp))
+                               tp_plan=exp.tp_plan, chunks=chunks_per_rank(exp), partition=exp.partition)
         self.device, self.mesh, self.rank = self.session.device, self.session.mesh, self.session.rank
         self.data = load_run_data(exp, own.data)
         self.task = own.task or TASKS.get(exp.task)
@@ -170,7 +171,9 @@ class Trainer:
         quantize_parameters_(model, self.number_format, "nearest")  # stored in the format from step 0
         optimizer = build_optimizer(exp.optimizer, model.parameters(), lr=exp.lr, weight_decay=exp.weight_decay,
                                     args=exp.optimizer_args)
-        self.model, self.optimizer = self.session.setup(model, optimizer, input_shape=self.data.in_shape)
+        microbatch = max(1, exp.batch_size // self.session.replicas // exp.microbatches)
+        self.model, self.optimizer = self.session.setup(model, optimizer, input_shape=self.data.in_shape,
+                                                        probe_batch=microbatch)
         self.policy = self.session.policy
         self.schedule: Schedule = build_schedule(exp.schedule, exp.schedule_args, lr=exp.lr, epochs=exp.epochs,
                                                  batch_size=exp.batch_size, warmup_epochs=exp.warmup_epochs,
@@ -531,22 +534,27 @@ def train_sequence(experiments: list[Experiment], *, resume: list[str | Path | N
         raise ConfigError(f"train_sequence got {len(resumes)} resume directories for {len(resolved)} runs")
     for exp, directory in zip(resolved, resumes):
         _resume_state(exp, directory)
-        check_policy_model(exp, own)
+        check_model_fits(exp, own)
     resumes = [str(directory) if directory is not None else None for directory in resumes]
     return run_workers(_train_ranks_sequence, ranks.pop(), (resolved, resumes, report, own),
                        threads=resolved[0].threads,
                        backend=backend_for(resolved[0].device), timeout_s=max(exp.timeout_s for exp in resolved))[0]
 
 
-def check_policy_model(exp: Experiment, own: OwnObjects = OwnObjects()) -> None:
-    """Builds the model once in this process for a policy whose Args check it (`check_model`: krizhevsky's
-    boundary and splits), so that a model it cannot train fails in one line before any worker starts."""
+def check_model_fits(exp: Experiment, own: OwnObjects = OwnObjects()) -> None:
+    """Builds the model once in this process where the mesh or the policy must see it (a pp axis cuts it
+    into stages: `check_partition`; a policy's Args may check it: krizhevsky's boundary and splits), so that
+    a model the run cannot train fails in one line before any worker starts."""
     args = policy_args(exp.strategy, exp.strategy_args)
-    if not hasattr(args, "check_model"):
+    shape = MeshShape.from_sizes(exp.mesh)
+    if not hasattr(args, "check_model") and shape.pp == 1:
         return
     model = run_model(exp, load_run_data(exp, own.data), own.model)
     try:
-        args.check_model(model, MeshShape.from_sizes(exp.mesh).dp)
+        if shape.pp > 1:
+            check_partition(model, shape.pp * chunks_per_rank(exp), exp.partition)
+        if hasattr(args, "check_model"):
+            args.check_model(model, shape.dp)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
@@ -602,7 +610,7 @@ def train(exp: Experiment, *, resume: str | Path | None = None, reporter: Report
     if run_ranks(exp) > 1 and not torchrun:
         if on_step is not None:
             raise ConfigError("on_step callbacks need a single process; spawned workers cannot call back")
-        check_policy_model(exp, own)
+        check_model_fits(exp, own)
         resume_dir = str(resume) if resume is not None else None
         results = run_workers(_train_rank, run_ranks(exp), (exp, resume_dir, reporter is not None, own),
                               threads=exp.threads, backend=backend_for(exp.device), timeout_s=exp.timeout_s)

@@ -31,12 +31,12 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from polytrain.comm import Communicator
-from polytrain.comm.gather import gather_objects
+from polytrain.comm.gather import all_gather, gather_objects
 from polytrain.comm.mesh import Mesh, MeshShape
 from polytrain.config import ConfigError, parse_named
 from polytrain.data.sampler import ShardedBatchSampler
 from polytrain.launch import init_from_torchrun, under_torchrun
-from polytrain.parallel.pipeline import PipelineStage, cut_points, pipeline_report
+from polytrain.parallel.pipeline import PipelineStage, check_partition, cut_points, module_times, pipeline_report
 from polytrain.parallel.pipeline import full_state_dict as pipeline_state_dict
 from polytrain.parallel.tensor import full_state_dict, load_full_state_dict, split_model
 from polytrain.strategies import STRATEGIES, UpdatePolicy, build_policy, server_ranks
@@ -79,12 +79,15 @@ class Session:
         seed: seed of the sampler's per-epoch permutations.
         tp_plan: the layers a tp axis above 1 splits (polytrain.parallel.tensor.TP_PLANS).
         chunks: pipeline stages per pp rank (above 1 for interleaved schedules; `chunks_per_rank`).
+        partition: how a pp axis above 1 cuts the model: "flops" (balanced by the cost model), "time"
+            (balanced by measured time) or the module indices where stages 2, 3, ... begin
+            (polytrain.parallel.pipeline.cut_points).
     """
 
     def __init__(self, comm: Communicator | None, *, strategy: str | None = None, strategy_args: Mapping | None = None,
                  compressor: str | None = None, compressor_args: Mapping | None = None, mesh: Mapping | None = None,
                  device: str = "cpu", amp: str = "none", grad_clip: float | None = None, seed: int = 0,
-                 tp_plan: str = "linear", chunks: int = 1) -> None:
+                 tp_plan: str = "linear", chunks: int = 1, partition: str | list = "flops") -> None:
         self.device = rank_device(device, comm)
         if comm is not None:
             comm.device = self.device
@@ -101,7 +104,7 @@ class Session:
         self.precision = MixedPrecision(amp, self.device)
         self.grad_clip = grad_clip
         self.seed = seed
-        self.tp_plan, self.chunks = tp_plan, chunks
+        self.tp_plan, self.chunks, self.partition = tp_plan, chunks, partition
         self.policy: UpdatePolicy | None = None
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -120,14 +123,16 @@ class Session:
     # -- setting up ----------------------------------------------------------------------------------------
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-              input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+              input_shape: tuple[int, ...] | None = None,
+              probe_batch: int = 32) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Moves `model` to this rank's device and prepares it and `optimizer` for the update policy.
 
         The optimizer must have been built over `model`'s parameters (moving the model keeps them). With an
         error-feedback compressor, a momentum optimizer's momentum moves in front of the compressor
         (polytrain.train.compression; a notice says so on rank 0). With a tp axis the model's layers are
         split (polytrain.parallel.tensor); with a pp axis it is cut into stages and this rank's stage is the
-        model returned (polytrain.parallel.pipeline; `input_shape`, one sample's, is then needed).
+        model returned (polytrain.parallel.pipeline; `input_shape`, one sample's, is then needed; partition
+        "time" measures each module on `probe_batch` samples, best the run's microbatch).
         """
         if self.policy is not None:
             raise RuntimeError("Session.setup was called twice; a session trains one model")
@@ -142,17 +147,33 @@ class Session:
                 print(f"polytrain: {notice}", file=sys.stderr)
         self.policy = build_policy(self.strategy, self.mesh, self.strategy_args, compressor)
         cuts = None
-        if self.pp is not None:  # cut by the cost model's FLOPs of the unsplit layers
+        if self.mesh.shape.pp > 1:  # cut the unsplit layers (servers too, as partition "time" measures on all)
             if input_shape is None:
                 raise ConfigError("a pipeline needs the shape of one input sample to cut the model: "
                                   "session.setup(model, optimizer, input_shape=...)")
-            cuts = cut_points(model, self.pp.world_size * self.chunks, tuple(input_shape))
+            cuts = self.stage_cuts(model, tuple(input_shape), probe_batch)
         if self.tp is not None:  # the same Parameter objects keep only their shards: the optimizer still holds them
             split_model(model, self.tp, self.tp_plan)
         if self.pp is not None:  # the optimizer holds every stage's parameters; only this rank's get gradients
             model = PipelineStage(model, self.pp, tuple(input_shape), chunks=self.chunks, cuts=cuts, tp=self.tp)
         self.model, self.optimizer = self.policy.prepare(model, optimizer), optimizer
         return self.model, optimizer
+
+    def stage_cuts(self, model: nn.Module, input_shape: tuple[int, ...], probe_batch: int) -> list[int]:
+        """Where the pipeline's stages begin (`cut_points`). Measured times are averaged over every rank of
+        the world (as bookkeeping), so that all replicas cut alike."""
+        stages, costs = self.mesh.shape.pp * self.chunks, None
+        try:
+            if self.partition == "time":
+                check_partition(model, stages, self.partition)
+                times = torch.tensor(module_times(model, input_shape, probe_batch), dtype=torch.float64)
+                if self.mesh.bookkeeping is not None:
+                    every = all_gather(self.mesh.bookkeeping, times, fixed_size=True, operation="partition")
+                    times = torch.stack(every).mean(0)
+                costs = times.tolist()
+            return cut_points(model, stages, input_shape, self.partition, costs)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     @property
     def tp(self) -> Communicator | None:

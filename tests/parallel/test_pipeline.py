@@ -16,11 +16,12 @@ import torch
 
 from polytrain.config import ConfigError, Experiment
 from polytrain.models import build_model
-from polytrain.parallel.pipeline import balanced_cuts, cut_points
+from polytrain.parallel.pipeline import balanced_cuts, cut_points, module_times
 from polytrain.schedules import STEP_SCHEDULES
 from polytrain.schedules.pipeline import simulate
 from polytrain.train import train, train_sequence
 from polytrain.train.defaults import resolve
+from polytrain.train.loop import check_model_fits
 
 # Digits at batch 48, 4 microbatches of 12, momentum SGD at a constant rate: 30 steps an epoch (1438 training
 # samples; the last step's 46 split 12, 12, 11, 11).
@@ -116,7 +117,9 @@ def runs(tmp_path_factory):
     two = {"gpipe pp 2": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="gpipe"),
            "1f1b pp 2": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="1f1b", epochs=2),
            "1f1b pp 2 cut": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="1f1b"),
-           "interleaved pp 2": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="interleaved")}
+           "interleaved pp 2": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="interleaved"),
+           "1f1b pp 2 given cuts": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="1f1b", partition=[5]),
+           "gpipe pp 2 timed": DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="gpipe", partition="time")}
     four = {"1f1b pp 4": DIGITS.replace(workers=4, mesh={"pp": 4}, step_schedule="1f1b"),
             "gpipe dp 2 x pp 2": DIGITS.replace(workers=4, mesh={"dp": 2, "pp": 2}, step_schedule="gpipe",
                                                 microbatches=2),
@@ -144,7 +147,7 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("run", ["gpipe pp 2", "1f1b pp 2 cut", "1f1b pp 4", "interleaved pp 2", "gpipe dp 2 x pp 2",
-                                 "1f1b pp 2 x tp 2"])
+                                 "1f1b pp 2 x tp 2", "1f1b pp 2 given cuts", "gpipe pp 2 timed"])
 def test_a_pipelined_run_equals_one_worker_with_the_same_microbatches(runs, run):
     # dp 2 x pp 2 with 2 microbatches per replica: the reference's 4 microbatches, 2 on each replica.
     results, out = runs
@@ -180,6 +183,27 @@ def test_the_measured_step_holds_what_the_schedule_says_in_flight(runs):
                                                                               4, (1, 8, 8))
 
 
+def test_stages_are_cut_where_the_user_says_or_by_measured_time(runs):
+    results, _ = runs
+    assert results["1f1b pp 2 given cuts"].comm["pipeline"]["cuts"] == [0, 5, 12]
+    timed = results["gpipe pp 2 timed"].comm["pipeline"]["cuts"]
+    assert timed[0] == 0 < timed[1] < timed[2] == 12
+
+
+def test_module_times_measure_a_copy_and_leave_the_run_as_it_was():
+    model = build_model("lenet5", 10, (1, 8, 8))
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    times = module_times(model, (1, 8, 8), batch=16)
+    assert len(times) == len(model) and all(t > 0 for t in times)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
+    assert all(p.grad is None for p in model.parameters())
+    # Balanced by these costs as by any others (`balanced_cuts`).
+    assert cut_points(model, 3, (1, 8, 8), "time", costs=times) == balanced_cuts(times, 3)
+
+
 def test_a_resumed_pipelined_run_equals_the_uninterrupted_one(runs):
     results, out = runs
     assert max_difference(weights(out["1f1b pp 2 resumed"]), weights(out["1f1b pp 2"])) == 0
@@ -204,10 +228,23 @@ def test_bad_meshes_fail_in_one_line_before_any_worker_starts(changes, message):
         resolve(DIGITS.replace(**changes))
 
 
-def test_more_stages_than_top_level_modules_is_one_line():
-    with pytest.raises(ValueError, match="pp 13 cuts the model into 13 stages at its top-level modules, but it has "
-                                         "12; use pp <= 12"):
-        cut_points(build_model("lenet5", 10, (1, 8, 8)), 13, (1, 8, 8))
+@pytest.mark.parametrize("changes, message", [
+    ({"workers": 13, "mesh": {"pp": 13}, "microbatches": 12},
+     "pp 13 cuts the model into 13 stages at its top-level modules, but it has 12; use pp <= 12"),
+    ({"partition": [20]}, "partition \\[20\\]: expected 1 increasing module indices in 1 .. 11, where stages 2 to 2 of "
+                          "the 12 top-level modules begin"),
+    ({"partition": [3, 5]}, "expected 1 increasing module indices"),
+    ({"step_schedule": "interleaved", "partition": [3]}, "expected 3 increasing module indices"),
+])
+def test_a_model_the_pipeline_cannot_cut_fails_in_one_line_before_any_worker_starts(changes, message):
+    exp = resolve(DIGITS.replace(**{"workers": 2, "mesh": {"pp": 2}, "step_schedule": "gpipe", **changes}))
+    with pytest.raises(ConfigError, match=message):
+        check_model_fits(exp)
+
+
+def test_an_unknown_partition_is_one_line():
+    with pytest.raises(ConfigError, match="unknown partition 'fast'; expected flops or time, or a list"):
+        resolve(DIGITS.replace(workers=2, mesh={"pp": 2}, step_schedule="gpipe", partition="fast"))
 
 
 @pytest.mark.slow

@@ -187,7 +187,7 @@ def one_linear() -> nn.Module:
     ({"workers": 2}, NotSequential, "cuts an nn.Sequential at its top-level modules; the model is a NotSequential"),
 ])
 def test_bad_settings_fail_in_one_line_before_any_worker_starts(changes, model, message):
-    # The model's checks build it once in this process (polytrain.train.loop.check_policy_model).
+    # The model's checks build it once in this process (polytrain.train.loop.check_model_fits).
     with pytest.raises(ValueError, match=message) as error:
         train(DIGITS.replace(strategy="krizhevsky", **changes), model=model)
     assert "\n" not in str(error.value)

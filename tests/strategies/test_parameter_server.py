@@ -2,6 +2,8 @@
 and hierarchical, against one worker accumulating the same microbatches (so against allreduce, DESIGN.md
 section 8); counted bytes against the protocol's volume; the staleness bound of SSP; the asynchronous
 modes' accuracy against synchronous training on LeNet-5/mnist5k; resume in every mode; bad arguments.
+DistBelief (2 replicas of a 2-stage pipeline beside the server) against the same reference, its stages'
+bytes against their tensors' sizes.
 Asynchronous EASGD, whose center sits on a server rank, shares the battery: alpha = 0 against independent
 workers, its bytes, its accuracy and its resume.
 
@@ -37,6 +39,7 @@ SLOW_RANK = {"rank": 1, "slowdown": 3}
 BOUNDS = {"mnist async resumed": 0.15, "mnist ssp s=2": 0.25, "mnist easgd async": 0.1}
 # Asynchronous EASGD: the center on the server, every worker's elastic exchange every 4 of its steps.
 EASGD_ASYNC = {"servers": 1, "tau": 4}
+DISTBELIEF = {"dp": 2, "pp": 2}
 
 
 def runs() -> dict[str, Experiment]:
@@ -49,6 +52,11 @@ def runs() -> dict[str, Experiment]:
         "ssp s=2 straggler": DIGITS.replace(strategy_args={"mode": "ssp", "staleness": 2}, straggler=SLOW_RANK),
         "async groups=2": DIGITS.replace(strategy_args={"mode": "async", "push_every": 2, "fetch_every": 2,
                                                         "groups": 2}),
+        # DistBelief: 2 replicas, each a 2-stage pipeline (2 microbatches of 12); each stage exchanges its own
+        # tensors with the server.
+        "distbelief sync": DIGITS.replace(mesh=DISTBELIEF, step_schedule="1f1b", microbatches=2),
+        "distbelief async": DIGITS.replace(mesh=DISTBELIEF, step_schedule="1f1b", microbatches=2,
+                                           strategy_args={"mode": "async"}),
         "mnist sync": MNIST,
         "mnist ssp s=2": MNIST.replace(strategy_args={"mode": "ssp", "staleness": 2}),
         "mnist async cut": MNIST.replace(epochs=1, strategy_args={"mode": "async"}),
@@ -96,7 +104,8 @@ def parameter_bytes(side: int = 8) -> int:
 
 @pytest.mark.parametrize("run, reference", [("sync cut", "4 microbatches"), ("ssp s=0", "4 microbatches"),
                                             ("sync groups=2", "4 microbatches"),
-                                            ("sync servers=2", "3 microbatches")])
+                                            ("sync servers=2", "3 microbatches"),
+                                            ("distbelief sync", "4 microbatches")])
 def test_synchronous_modes_equal_one_worker_with_the_same_microbatches(battery, run, reference):
     # The server sums the workers' gradients (each weighted by its shard of the global batch) in rank order
     # and takes one optimizer step: the reference's accumulation, up to the groups' reassociation.
@@ -133,6 +142,30 @@ def test_bytes_are_the_protocols_volume(battery):
     pushes = -(-grouped.steps // 2)
     assert grouped.comm["per_rank"][0]["by_operation"]["ps:push"] == pushes * n
     assert grouped.comm["staleness"]["applied"] == 2 * pushes
+
+
+def test_distbelief_stages_exchange_their_own_tensors(battery):
+    from polytrain.models import build_model
+    from polytrain.parallel.pipeline import cut_points
+
+    results, _ = battery
+    model = build_model("lenet5", 10, (1, 8, 8))
+    cuts = cut_points(model, 2, (1, 8, 8))
+    stage_bytes = [sum(4 * p.numel() for p in model[cuts[s]:cuts[s + 1]].parameters()) for s in range(2)]
+    for run in ("distbelief sync", "distbelief async"):
+        result = results[run]
+        per_rank = [rank["by_operation"] for rank in result.comm["per_rank"]]
+        # Ranks 0, 1: replica 0's stages; 2, 3: replica 1's; 4: the server, which answers every stage's pull.
+        assert [per_rank[rank]["ps:push"] for rank in range(4)] == [result.steps * b for b in stage_bytes * 2]
+        pulls = result.steps * 2 * sum(stage_bytes)  # each stage of each replica every step
+        if run == "distbelief sync":
+            assert per_rank[4]["ps:pull"] == pulls  # and none at the end: nothing newer
+        else:  # at the end, every stage the others' pushes left behind its shard's version pulls once more
+            assert pulls < per_rank[4]["ps:pull"] <= pulls + 2 * sum(stage_bytes)
+        assert result.comm["staleness"]["applied"] == result.steps * 4  # every stage's gradient of every step
+    # Asynchronous stages apply their gradients one by one: stale by the pushes of the others.
+    assert results["distbelief async"].comm["staleness"]["max"] > 0
+    assert results["distbelief async"].final_test_accuracy >= results["distbelief sync"].final_test_accuracy - 0.1
 
 
 def test_ssp_staleness_stays_within_its_bound(battery):
@@ -224,6 +257,11 @@ def test_bad_arguments_fail_in_one_line(args, message):
     ({"amp": "fp16"}, "amp fp16"),
     ({"precision": "bf16"}, "precision bf16"),
     ({"strategy_args": {"speed": 1}}, "takes no argument 'speed'"),
+    ({"mesh": {"dp": 2, "tp": 2}}, "ps serves whole tensors to replicas or to their pipeline stages; mesh dp 2 x tp 2"),
+    ({"mesh": DISTBELIEF, "step_schedule": "1f1b", "strategy_args": {"groups": 2}},
+     "with pp 2 each rank holds one stage; use no groups"),
+    ({"mesh": DISTBELIEF, "step_schedule": "1f1b", "strategy": "easgd", "strategy_args": EASGD_ASYNC},
+     "easgd puts servers beside data-parallel workers; mesh dp 2 x pp 2 = 4 ranks splits the model"),
 ])
 def test_settings_the_servers_cannot_take_are_refused_before_any_worker_starts(changes, message):
     with pytest.raises((ConfigError, ValueError), match=message):
