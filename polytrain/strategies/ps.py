@@ -23,6 +23,11 @@ Modes (Ben-Nun & Hoefler 2019, section 7.1):
   groups; each group's members send their gradients to its first worker, the leader, which sums them,
   talks to the servers for the group and sends the parameters back. The servers see g contributors.
 
+DistBelief (Dean et al., NeurIPS 2012): the workers may be model-parallel replicas, dp x pp (a pipeline of
+stages per replica; not tp, whose shards are no whole tensors). Each stage pushes the gradients of its own
+tensors of each server's shard and pulls only them; a server's contributors are the workers holding part of
+its shard, and an update sums their pieces per tensor (under async a push moves only its stage's tensors).
+
 The staleness of an applied gradient is the number of updates the server applied between the parameters
 the gradient was computed on and its own application (steps for sync/ssp, pushes for async); the servers
 record every one, result.json's `comm.staleness` holds the histogram, metrics.jsonl each epoch's maximum
