@@ -48,6 +48,7 @@ from polytrain.train.defaults import resolve
 from polytrain.train.io import atomic_write_json
 from polytrain.train.loop import OwnObjects, _run, train
 from polytrain.train.progress import SilentReporter
+from polytrain.train.result import load_weights
 from polytrain.train.result import Result
 
 # Strategies whose ranks create process groups of their own: a member's group cannot, since the other
@@ -144,7 +145,7 @@ def _load_data(exp: Experiment) -> Dataset:
 
 def _member_model(exp: Experiment, data: Dataset, directory: Path) -> nn.Module:
     model = build_model(exp.model, data.num_classes, data.in_shape, **exp.model_args)
-    model.load_state_dict(torch.load(directory / "model.pt", weights_only=True))
+    model.load_state_dict(load_weights(directory))
     return model.eval()
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
 
 from polytrain.config import Experiment
 from polytrain.tasks import ACCURACY, Task
@@ -76,3 +80,16 @@ class Result:
     def to_dict(self) -> dict:
         """The result.json form."""
         return asdict(self)
+
+
+def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """A finished run's model.pt (the whole, unsplit model's state; loaded with weights_only)."""
+    return torch.load(Path(directory) / "model.pt", weights_only=True)
+
+
+def max_weight_difference(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """The largest absolute difference between two states of the same model (as N workers are compared with
+    one worker), in float64; ValueError if their keys or shapes differ."""
+    if a.keys() != b.keys() or any(a[key].shape != b[key].shape for key in a):
+        raise ValueError("the two states are not of the same model: their keys or shapes differ")
+    return max((a[key].double() - b[key].double()).abs().max().item() for key in a)

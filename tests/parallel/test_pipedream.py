@@ -23,6 +23,7 @@ from polytrain.tasks import CLASSIFICATION
 from polytrain.train import train, train_sequence
 from polytrain.train.defaults import resolve
 from polytrain.train.loop import load_run_data
+from polytrain.train.result import load_weights, max_weight_difference
 
 # Digits at batch 48, 4 microbatches of 12, momentum SGD at a constant rate: 30 steps an epoch (1438 training
 # samples; the last step's 46 split 12, 12, 11, 11). As tests/parallel/test_pipeline.py.
@@ -146,15 +147,6 @@ def runs(tmp_path_factory):
     return results, out
 
 
-def weights(directory) -> dict[str, torch.Tensor]:
-    return torch.load(f"{directory}/model.pt", weights_only=True)
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()  # model.pt is the whole model
-    return max((a[key].double() - b[key].double()).abs().max().item() for key in a)
-
-
 @pytest.mark.parametrize("run, replicas, checkpoint_steps", [("pipedream pp 2 first epoch", 1, CHECKPOINT_STEPS),
                                                              ("pipedream pp 4", 1, 0),
                                                              ("pipedream dp 2 x pp 2", 2, 0)])
@@ -164,14 +156,14 @@ def test_a_pipedream_run_equals_the_2bw_update_in_one_process(runs, run, replica
     # reference from itself with its initial weights moved by 1e-8).
     results, out = runs
     expected, expected_loss = reference(DIGITS.replace(microbatches=4 // replicas), replicas, checkpoint_steps)
-    assert max_difference(weights(out[run]), expected) <= 1e-5
+    assert max_weight_difference(load_weights(out[run]), expected) <= 1e-5
     assert results[run].epochs[0]["train_loss"] == pytest.approx(expected_loss, rel=1e-5)
     if run == "pipedream pp 2 first epoch":
         # The flushes take part in the updates (checkpoint_steps = 7 against none), and the delay matters: the
         # synchronous run (each gradient applied in its own step) is far from the 2BW update.
         without_checkpoints, _ = reference(DIGITS, 1, 0)
-        assert max_difference(weights(out[run]), without_checkpoints) > 1e-3
-        assert max_difference(weights(out["1f1b pp 2"]), without_checkpoints) > 1e-3
+        assert max_weight_difference(load_weights(out[run]), without_checkpoints) > 1e-3
+        assert max_weight_difference(load_weights(out["1f1b pp 2"]), without_checkpoints) > 1e-3
 
 
 def test_activations_and_gradients_are_counted_as_under_the_synchronous_schedules(runs):
@@ -222,7 +214,7 @@ def test_a_resumed_pipedream_run_equals_the_uninterrupted_one(runs):
     # The checkpoint after the first epoch holds a settled model (flushed), so the resumed run continues as the
     # uninterrupted one does after its flush.
     results, out = runs
-    assert max_difference(weights(out["resumed"]), weights(out["pipedream pp 2"])) == 0
+    assert max_weight_difference(load_weights(out["resumed"]), load_weights(out["pipedream pp 2"])) == 0
     assert [row["test_loss"] for row in results["resumed"].epochs] == \
         [row["test_loss"] for row in results["pipedream pp 2"].epochs]
 

@@ -22,6 +22,7 @@ from polytrain.schedules.pipeline import simulate
 from polytrain.train import train, train_sequence
 from polytrain.train.defaults import resolve
 from polytrain.train.loop import check_model_fits
+from polytrain.train.result import load_weights, max_weight_difference
 
 # Digits at batch 48, 4 microbatches of 12, momentum SGD at a constant rate: 30 steps an epoch (1438 training
 # samples; the last step's 46 split 12, 12, 11, 11).
@@ -137,21 +138,12 @@ def runs(tmp_path_factory):
     return results, out
 
 
-def weights(directory) -> dict[str, torch.Tensor]:
-    return torch.load(f"{directory}/model.pt", weights_only=True)
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()  # model.pt is the whole model
-    return max((a[key].double() - b[key].double()).abs().max().item() for key in a)
-
-
 @pytest.mark.parametrize("run", ["gpipe pp 2", "1f1b pp 2 cut", "1f1b pp 4", "interleaved pp 2", "gpipe dp 2 x pp 2",
                                  "1f1b pp 2 x tp 2", "1f1b pp 2 given cuts", "gpipe pp 2 timed"])
 def test_a_pipelined_run_equals_one_worker_with_the_same_microbatches(runs, run):
     # dp 2 x pp 2 with 2 microbatches per replica: the reference's 4 microbatches, 2 on each replica.
     results, out = runs
-    assert max_difference(weights(out[run]), weights(out["4 microbatches"])) <= 1e-5
+    assert max_weight_difference(load_weights(out[run]), load_weights(out["4 microbatches"])) <= 1e-5
     for key in ("train_loss", "test_loss", "test_accuracy"):
         assert results[run].epochs[0][key] == pytest.approx(results["4 microbatches"].epochs[0][key], rel=1e-5)
 
@@ -206,7 +198,7 @@ def test_module_times_measure_a_copy_and_leave_the_run_as_it_was():
 
 def test_a_resumed_pipelined_run_equals_the_uninterrupted_one(runs):
     results, out = runs
-    assert max_difference(weights(out["1f1b pp 2 resumed"]), weights(out["1f1b pp 2"])) == 0
+    assert max_weight_difference(load_weights(out["1f1b pp 2 resumed"]), load_weights(out["1f1b pp 2"])) == 0
     assert [row["test_loss"] for row in results["1f1b pp 2 resumed"].epochs] == \
         [row["test_loss"] for row in results["1f1b pp 2"].epochs]
 
@@ -253,7 +245,7 @@ def test_dp_pp_tp_on_eight_ranks_equals_one_worker(tmp_path):
     run = train(DIGITS.replace(workers=8, mesh={"dp": 2, "pp": 2, "tp": 2}, step_schedule="1f1b", microbatches=2,
                                out=str(tmp_path / "hybrid")))
     reference = train(DIGITS.replace(workers=1, out=str(tmp_path / "reference")))
-    assert max_difference(weights(tmp_path / "hybrid"), weights(tmp_path / "reference")) <= 1e-5
+    assert max_weight_difference(load_weights(tmp_path / "hybrid"), load_weights(tmp_path / "reference")) <= 1e-5
     assert run.epochs[0]["test_loss"] == pytest.approx(reference.epochs[0]["test_loss"], rel=1e-5)
 
 
@@ -269,4 +261,4 @@ def test_a_stage_that_begins_in_place_works_on_a_copy_of_what_it_receives(tmp_pa
     train(exp.replace(workers=1, mesh={}, step_schedule="accumulate", out=str(tmp_path / "one")),
           model=in_place_after_the_cut)
     assert result.comm["pipeline"]["cuts"] == [0, 2, 4]
-    assert max_difference(weights(tmp_path / "pp"), weights(tmp_path / "one")) <= 1e-5
+    assert max_weight_difference(load_weights(tmp_path / "pp"), load_weights(tmp_path / "one")) <= 1e-5

@@ -20,6 +20,7 @@ from polytrain.models import build_model
 from polytrain.parallel.tensor import ColumnParallel, Pair, RowParallel, check_plan, plan
 from polytrain.train import train, train_sequence
 from polytrain.train.defaults import resolve
+from polytrain.train.result import load_weights, max_weight_difference
 
 RING = ALLREDUCE_ALGORITHMS.get("ring")
 # Digits at batch 48, momentum SGD at a constant rate (the same for 1 and 2 epochs, so a 1-epoch run continues
@@ -136,20 +137,11 @@ def runs(tmp_path_factory):
     return results, out
 
 
-def weights(directory) -> dict[str, torch.Tensor]:
-    return torch.load(f"{directory}/model.pt", weights_only=True)
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # model.pt is the unsplit model
-    return max((a[key].double() - b[key].double()).abs().max().item() for key in a)
-
-
 @pytest.mark.parametrize("run, reference", [("tp 2 cut", "1 microbatch"), ("tp 4", "1 microbatch"),
                                             ("tp 2 conv+linear", "1 microbatch"), ("dp 2 x tp 2", "2 microbatches")])
 def test_a_tensor_parallel_run_equals_one_worker(runs, run, reference):
     results, out = runs
-    assert max_difference(weights(out[run]), weights(out[reference])) <= 1e-5
+    assert max_weight_difference(load_weights(out[run]), load_weights(out[reference])) <= 1e-5
     assert results[run].final_test_accuracy == pytest.approx(results[reference].final_test_accuracy, abs=2e-3)
     assert results[run].epochs[0]["train_loss"] == pytest.approx(results[reference].epochs[0]["train_loss"],
                                                                  rel=1e-5)
@@ -173,7 +165,7 @@ def test_tensor_parallel_bytes_are_two_allreduces_per_pair(runs):
 def test_a_resumed_tensor_parallel_run_equals_the_uninterrupted_one(runs):
     # The checkpoint holds the unsplit model and every rank's optimizer state of its shards.
     results, out = runs
-    assert max_difference(weights(out["tp 2 resumed"]), weights(out["tp 2"])) == 0
+    assert max_weight_difference(load_weights(out["tp 2 resumed"]), load_weights(out["tp 2"])) == 0
     assert [row["test_loss"] for row in results["tp 2 resumed"].epochs] == [row["test_loss"] for row in
                                                                             results["tp 2"].epochs]
 

@@ -16,6 +16,7 @@ from polytrain.train import train
 from polytrain.train.defaults import resolve
 from polytrain.train.loop import Trainer
 from polytrain.train.progress import SilentReporter
+from polytrain.train.result import max_weight_difference
 
 ALGORITHMS = ["native", "central", "tree", "butterfly", "ring", "rabenseifner"]
 # One epoch of LeNet-5 on the real MNIST digits; batch 120 divides over 2, 3, 4 and 5 workers. The learning
@@ -53,10 +54,6 @@ def lenet_reference():
     return reference(LENET)
 
 
-def max_difference(a, b):
-    return max((a[key].double() - b[key].double()).abs().max().item() for key in a)
-
-
 @pytest.mark.parametrize("workers", [2, 3, 4, 5])
 def test_every_algorithm_equals_one_worker(workers):
     single = lenet_reference()
@@ -65,7 +62,7 @@ def test_every_algorithm_equals_one_worker(workers):
     outcomes = run_workers(final_weights, workers, (experiments,), threads=1, timeout_s=60)
     for name, (state, identical, _) in zip(ALGORITHMS, outcomes[0]):
         assert identical, f"{name}: ranks disagree"
-        assert max_difference(single, state) <= 1e-5, name
+        assert max_weight_difference(single, state) <= 1e-5, name
 
 
 def test_two_workers_are_bitwise_one_worker_with_two_microbatches():
@@ -75,7 +72,7 @@ def test_two_workers_are_bitwise_one_worker_with_two_microbatches():
     single = reference(exp.replace(microbatches=2))
     (state, identical, _), = run_workers(final_weights, 2, ([exp.replace(workers=2, strategy="allreduce")],),
                                         threads=1, timeout_s=60)[0]
-    assert identical and max_difference(single, state) == 0.0
+    assert identical and max_weight_difference(single, state) == 0.0
 
 
 def test_buckets_overlap_and_microbatches_do_not_change_the_result():
@@ -88,7 +85,7 @@ def test_buckets_overlap_and_microbatches_do_not_change_the_result():
     experiments.append(LENET.replace(workers=2, strategy="allreduce", straggler={"rank": 1, "slowdown": 2}))
     outcomes = run_workers(final_weights, 2, (experiments,), threads=1, timeout_s=60)[0]
     for (state, identical, comm), args in zip(outcomes, variants + [{"microbatches": 3}, {"straggler": 1}]):
-        assert identical and max_difference(single, state) <= 1e-5, args
+        assert identical and max_weight_difference(single, state) <= 1e-5, args
     assert outcomes[0][2]["buckets"] > 1
     slowed = outcomes[-1][2]
     assert slowed["straggler"]["rank"] == 1 and slowed["straggler"]["waited_s"] > 0
@@ -174,4 +171,4 @@ def test_large_batch_schedules_work_with_workers():
     single = reference(exp)
     (state, identical, _), = run_workers(final_weights, 2, ([exp.replace(workers=2)],), threads=1,
                                         timeout_s=60)[0]
-    assert identical and max_difference(single, state) <= 1e-5
+    assert identical and max_weight_difference(single, state) <= 1e-5

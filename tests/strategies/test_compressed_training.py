@@ -44,6 +44,7 @@ from polytrain.train.compression import plan_compression
 from polytrain.train.defaults import resolve
 from polytrain.train.loop import Trainer
 from polytrain.train.progress import SilentReporter
+from polytrain.train.result import load_weights, max_weight_difference
 
 WORKERS = 4
 RING = ALLREDUCE_ALGORITHMS.get("ring")
@@ -183,15 +184,6 @@ def four_workers(tmp_path_factory):
     runs.update(extra_runs(directory))
     results = train_sequence(list(runs.values()))
     return dict(zip(runs, results)), directory
-
-
-def weights(directory) -> dict[str, torch.Tensor]:
-    return torch.load(directory / "model.pt", weights_only=True)
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[key].double() - b[key].double()).abs().max().item() for key in a)
 
 
 # -- 1. conformance battery ---------------------------------------------------------------------------------
@@ -394,7 +386,7 @@ def test_resume_keeps_the_compressor_state(three_workers, key):
     else:
         result = results[f"{key} resumed"]
     assert [e["test_accuracy"] for e in result.epochs] == [e["test_accuracy"] for e in results[f"{key} whole"].epochs]
-    assert max_difference(weights(whole), weights(resumed)) == 0.0, key
+    assert max_weight_difference(load_weights(whole), load_weights(resumed)) == 0.0, key
     for straight, continued in zip(compressor_states(whole), compressor_states(resumed), strict=True):
         assert straight.keys() == continued.keys()
         for parameter in straight:
@@ -482,7 +474,7 @@ def test_momentum_correction_around_no_compression_is_momentum_sgd(four_workers)
     # steps plain SGD: momentum SGD without compression (weight decay off, as for DGC above). The sum over
     # the ranks is the ring's either way, but of the buffers rather than of the gradients.
     results, directory = four_workers
-    difference = max_difference(weights(directory / "corrected_none"), weights(directory / "plain"))
+    difference = max_weight_difference(load_weights(directory / "corrected_none"), load_weights(directory / "plain"))
     assert difference <= 1e-5, difference
     assert results[CORRECTED_NONE].comm["compressor"]["name"] == "momentum_correction(ef(none))"
 
@@ -493,7 +485,7 @@ def test_dgc_sending_everything_is_momentum_sgd(four_workers):
     # really ran without momentum (with both, momentum would apply twice). Weight decay off: torch adds it
     # inside the momentum buffer, DGC outside. The sparse allreduce sums in another order than the ring.
     results, directory = four_workers
-    difference = max_difference(weights(directory / "dgc"), weights(directory / "plain"))
+    difference = max_weight_difference(load_weights(directory / "dgc"), load_weights(directory / "plain"))
     assert difference <= 1e-5, difference
     assert results[DGC_TAKEOVER].final_test_accuracy == pytest.approx(results[PLAIN_NO_DECAY].final_test_accuracy,
                                                                     abs=0.002)
@@ -514,7 +506,7 @@ def test_microbatches_compress_the_accumulated_gradient_once(four_workers):
     # ends 8.6e-3 away in a single-process replay of the same 63 steps (at lr 0.02, without momentum
     # correction), so the bound tells the two apart.
     results, directory = four_workers
-    difference = max_difference(weights(directory / "full_batch"), weights(directory / "microbatched"))
+    difference = max_weight_difference(load_weights(directory / "full_batch"), load_weights(directory / "microbatched"))
     assert difference <= 1e-5, difference
     assert results[MICROBATCHED].config["microbatches"] == 2
 
@@ -524,7 +516,7 @@ def test_microbatches_compress_the_accumulated_gradient_once(four_workers):
 
 def test_sufficient_factors_train_to_the_dense_weights(three_workers):
     results, directory = three_workers
-    assert max_difference(weights(directory / "off"), weights(directory / "auto")) <= 1e-5
+    assert max_weight_difference(load_weights(directory / "off"), load_weights(directory / "auto")) <= 1e-5
     report = results["auto"].comm["sufficient_factors"]
     assert "sufficient_factors" not in results["off"].comm
     assert report["mode"] == "auto" and report["local_batch"] == 40

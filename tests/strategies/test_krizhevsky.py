@@ -11,7 +11,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from torch import nn
 
 from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
@@ -21,6 +20,7 @@ from polytrain.models import build_model
 from polytrain.parallel.hybrid import boundary
 from polytrain.parallel.tensor import plan
 from polytrain.train import train, train_sequence
+from polytrain.train.result import load_weights, max_weight_difference
 
 RING = ALLREDUCE_ALGORITHMS.get("ring")
 KRIZHEVSKY = dict(strategy="krizhevsky", strategy_args={"algorithm": "ring"})
@@ -62,15 +62,6 @@ def runs(tmp_path_factory):
     return results, out
 
 
-def weights(directory) -> dict:
-    return torch.load(f"{directory}/model.pt", weights_only=True)
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # model.pt is the unsplit model
-    return max((a[key].double() - b[key].double()).abs().max().item() for key in a)
-
-
 @pytest.mark.parametrize("name", ["lenet", "alexnet"])
 @pytest.mark.parametrize("workers", [2, 4])
 def test_a_krizhevsky_run_equals_one_worker_with_the_same_microbatches(runs, name, workers):
@@ -78,7 +69,7 @@ def test_a_krizhevsky_run_equals_one_worker_with_the_same_microbatches(runs, nam
     # runs its K microbatches, from the random state every rank holds alike.
     results, out = runs
     run, reference = f"{name} {workers}", f"{name} 1 x {workers} microbatches"
-    assert max_difference(weights(out[run]), weights(out[reference])) <= 1e-5
+    assert max_weight_difference(load_weights(out[run]), load_weights(out[reference])) <= 1e-5
     mine, theirs = results[run].epochs[0], results[reference].epochs[0]
     for key in ("train_loss", "test_loss"):
         assert mine[key] == pytest.approx(theirs[key], rel=1e-5), key
@@ -142,7 +133,7 @@ def test_a_resumed_krizhevsky_run_equals_the_uninterrupted_one(runs):
     # The checkpoint holds the unsplit model, every rank's optimizer state of its shards and its random state
     # (AlexNet's dropout masks go on as they would have).
     results, out = runs
-    assert max_difference(weights(out["alexnet 2 resumed"]), weights(out["alexnet 2 x 2 epochs"])) == 0
+    assert max_weight_difference(load_weights(out["alexnet 2 resumed"]), load_weights(out["alexnet 2 x 2 epochs"])) == 0
     assert [row["test_loss"] for row in results["alexnet 2 resumed"].epochs] == \
         [row["test_loss"] for row in results["alexnet 2 x 2 epochs"].epochs]
 

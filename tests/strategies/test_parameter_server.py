@@ -20,6 +20,7 @@ from polytrain.config import ConfigError, Experiment
 from polytrain.strategies.ps import ParameterServerArgs, shard_tensors, worker_groups
 from polytrain.train import train, train_sequence
 from polytrain.train.defaults import resolve
+from polytrain.train.result import load_weights, max_weight_difference
 
 # Digits with momentum at batch 48 (divisible by 3 and 4); a constant schedule is the same for 1 and 2 epochs,
 # so the 1-epoch run's checkpoint continues the 2-epoch run.
@@ -89,14 +90,6 @@ def battery(tmp_path_factory):
     return {**results, **references}, out
 
 
-def weights(directory) -> dict[str, torch.Tensor]:
-    return torch.load(f"{directory}/model.pt", weights_only=True)
-
-
-def max_difference(a: dict, b: dict) -> float:
-    return max((a[key].double() - b[key].double()).abs().max().item() for key in a)
-
-
 def parameter_bytes(side: int = 8) -> int:
     from polytrain.models import build_model
     return sum(4 * p.numel() for p in build_model("lenet5", 10, (1, side, side)).parameters())
@@ -110,14 +103,14 @@ def test_synchronous_modes_equal_one_worker_with_the_same_microbatches(battery, 
     # The server sums the workers' gradients (each weighted by its shard of the global batch) in rank order
     # and takes one optimizer step: the reference's accumulation, up to the groups' reassociation.
     results, out = battery
-    assert max_difference(weights(out[run]), weights(out[reference])) <= 1e-5
+    assert max_weight_difference(load_weights(out[run]), load_weights(out[reference])) <= 1e-5
     assert results[run].final_test_accuracy == pytest.approx(results[reference].final_test_accuracy, abs=2e-3)
     assert results[run].comm["staleness"]["max"] == 0
 
 
 def test_ssp_with_staleness_0_is_the_synchronous_server(battery):
     _, out = battery
-    assert max_difference(weights(out["ssp s=0"]), weights(out["sync cut"])) == 0
+    assert max_weight_difference(load_weights(out["ssp s=0"]), load_weights(out["sync cut"])) == 0
 
 
 def test_bytes_are_the_protocols_volume(battery):
@@ -184,7 +177,7 @@ def test_stale_modes_train_to_within_a_bound_of_synchronous_training(battery, ru
 
 def test_a_resumed_synchronous_run_equals_the_uninterrupted_one(battery):
     results, out = battery
-    assert max_difference(weights(out["sync resumed"]), weights(out["sync"])) == 0
+    assert max_weight_difference(load_weights(out["sync resumed"]), load_weights(out["sync"])) == 0
     for key in ("train_loss", "test_loss", "test_accuracy"):
         assert [row[key] for row in results["sync resumed"].epochs] == [row[key] for row in results["sync"].epochs]
 
@@ -209,7 +202,7 @@ def test_asynchronous_easgd_with_alpha_0_is_independent_workers(battery):
     from polytrain.models import build_model
     torch.manual_seed(DIGITS.seed)
     initial = build_model("lenet5", 10, (1, 8, 8)).state_dict()
-    assert max_difference(weights(out["easgd async alpha=0"]), initial) == 0
+    assert max_weight_difference(load_weights(out["easgd async alpha=0"]), initial) == 0
 
 
 def test_asynchronous_easgd_exchanges_with_the_server_every_tau_steps(battery):

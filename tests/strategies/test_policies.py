@@ -16,6 +16,7 @@ from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
 from polytrain.config import ConfigError, Experiment
 from polytrain.train import train, train_sequence
 from polytrain.train.checkpoint import checkpoint_path, load_checkpoint, reshard_error
+from polytrain.train.result import load_weights, max_weight_difference
 
 WORKERS = 4
 RING = ALLREDUCE_ALGORITHMS.get("ring")
@@ -75,14 +76,6 @@ def four_workers(tmp_path_factory):
     return dict(zip(experiments, results)), {key: exp.out for key, exp in experiments.items()}
 
 
-def weights(directory) -> dict[str, torch.Tensor]:
-    return torch.load(f"{directory}/model.pt", weights_only=True)
-
-
-def max_difference(a: dict, b: dict) -> float:
-    return max((a[key].double() - b[key].double()).abs().max().item() for key in a)
-
-
 def model_bytes() -> int:
     state = weights_of_any_lenet()
     return sum(4 * value.numel() for value in state.values())
@@ -104,7 +97,7 @@ def test_policy_equals_its_reference(four_workers, reference, policy):
     # gossip mixes the stepped models with W = 1/p on the complete graph, which is their mean.
     # Equal up to float reassociation.
     results, out = four_workers
-    assert max_difference(weights(out[reference]), weights(out[policy])) <= 1e-5
+    assert max_weight_difference(load_weights(out[reference]), load_weights(out[policy])) <= 1e-5
     assert results[policy].final_test_accuracy == pytest.approx(results[reference].final_test_accuracy, abs=2e-3)
 
 
@@ -214,7 +207,7 @@ def test_resume_at_another_world_size_equals_the_uninterrupted_run(four_workers,
     results, out = four_workers
     resumed = train(RESUME.replace(workers=3, out=str(tmp_path / "resumed")), resume=out["cut"])
     assert resumed.config["workers"] == 3 and len(resumed.comm["per_rank"]) == 3
-    assert max_difference(weights(out["uninterrupted"]), weights(tmp_path / "resumed")) <= 1e-5
+    assert max_weight_difference(load_weights(out["uninterrupted"]), load_weights(tmp_path / "resumed")) <= 1e-5
     straight = results["uninterrupted"].epochs
     assert [row["samples"] for row in resumed.epochs] == [row["samples"] for row in straight]
     assert resumed.epochs[1]["test_accuracy"] == pytest.approx(straight[1]["test_accuracy"], abs=3e-3)

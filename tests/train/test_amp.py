@@ -6,12 +6,9 @@ import torch
 from polytrain.config import ConfigError, Experiment
 from polytrain.train import train
 from polytrain.train.checkpoint import checkpoint_path, load_checkpoint
+from polytrain.train.result import load_weights
 
 MLP = Experiment(model="mlp", dataset="digits", epochs=2, threads=1)
-
-
-def weights(directory):
-    return torch.load(directory / "model.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -33,7 +30,7 @@ def test_fp16_resume_equals_uninterrupted(tmp_path):
     cut = tmp_path / "cut"
     train(exp.replace(epochs=1, out=str(cut)))
     train(exp.replace(out=str(cut)), resume=cut)
-    assert all(torch.equal(a, b) for a, b in zip(weights(whole).values(), weights(cut).values()))
+    assert all(torch.equal(a, b) for a, b in zip(load_weights(whole).values(), load_weights(cut).values()))
 
 
 def test_unknown_amp_and_missing_gpu_are_one_line_errors():

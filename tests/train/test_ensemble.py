@@ -15,6 +15,7 @@ from polytrain.cli import main
 from polytrain.config import ConfigError, Experiment
 from polytrain.train import train
 from polytrain.train.ensemble import DistillationLoss, ensemble_probabilities, train_ensemble
+from polytrain.train.result import load_weights
 
 EXP = Experiment(model="lenet5", dataset="mnist5k", workers=4, epochs=2, batch_size=100, optimizer="momentum",
                  lr=0.05, augment_shift=0, threads=1)
@@ -28,18 +29,14 @@ def ensemble(tmp_path_factory):
     return result, directory, alone
 
 
-def weights(directory) -> dict[str, torch.Tensor]:
-    return torch.load(f"{directory}/model.pt", weights_only=True)
-
-
 def test_each_member_is_the_run_its_workers_would_train_alone(ensemble):
     # Member 0 (seed 0) on ranks 0-1 of the spawn is bit for bit the 2-worker run of the same settings.
     result, directory, alone = ensemble
-    member = weights(directory / "run" / "member-0")
-    assert all(torch.equal(member[name], value) for name, value in weights(directory / "alone").items())
+    member = load_weights(directory / "run" / "member-0")
+    assert all(torch.equal(member[name], value) for name, value in load_weights(directory / "alone").items())
     for key in ("train_loss", "test_loss", "test_accuracy"):
         assert [row[key] for row in result.members[0].epochs] == [row[key] for row in alone.epochs]
-    other = weights(directory / "run" / "member-1")  # seed 1: other initial weights and data order
+    other = load_weights(directory / "run" / "member-1")  # seed 1: other initial weights and data order
     assert not all(torch.equal(member[name], value) for name, value in other.items())
     assert [m.config["workers"] for m in result.members] == [2, 2]
     assert [m.config["seed"] for m in result.members] == [0, 1]

@@ -6,14 +6,11 @@ import torch
 from polytrain.config import ConfigError, Experiment
 from polytrain.train import TrainingDiverged, train
 from polytrain.train.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from polytrain.train.result import load_weights
 
 # Small real runs: scikit-learn's digits (1,437 train / 360 test samples) and LeNet-5 or an MLP.
 FAST = Experiment(dataset="digits", model="mlp", epochs=2, batch_size=64, lr=0.05, schedule="cosine",
                   threads=1)
-
-
-def weights(directory):
-    return torch.load(directory / "model.pt", weights_only=True)
 
 
 def assert_same_weights(a, b, atol=0.0):
@@ -25,9 +22,9 @@ def assert_same_weights(a, b, atol=0.0):
 def test_same_seed_same_weights(tmp_path):
     for name in ("a", "b"):
         train(FAST.replace(model="lenet5", out=str(tmp_path / name), seed=7))
-    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert_same_weights(load_weights(tmp_path / "a"), load_weights(tmp_path / "b"))
     train(FAST.replace(model="lenet5", out=str(tmp_path / "c"), seed=8))
-    a, c = weights(tmp_path / "a"), weights(tmp_path / "c")
+    a, c = load_weights(tmp_path / "a"), load_weights(tmp_path / "c")
     assert any(not torch.equal(a[key], c[key]) for key in a)
 
 
@@ -36,7 +33,7 @@ def test_microbatches_equal_the_full_batch(tmp_path):
     base = FAST.replace(model="lenet5", epochs=1, optimizer="sgd")
     train(base.replace(out=str(tmp_path / "full")))
     train(base.replace(out=str(tmp_path / "micro"), microbatches=4))
-    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "micro"), atol=1e-5)
+    assert_same_weights(load_weights(tmp_path / "full"), load_weights(tmp_path / "micro"), atol=1e-5)
 
 
 class Interrupt(Exception):
@@ -61,7 +58,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, stop_step):
         train(exp.replace(out=str(tmp_path / "cut")), on_step=stop_at(stop_step))
     assert not (tmp_path / "cut" / "result.json").exists()
     resumed = train(exp.replace(out=str(tmp_path / "cut")), resume=tmp_path / "cut")
-    assert_same_weights(weights(tmp_path / "whole"), weights(tmp_path / "cut"))
+    assert_same_weights(load_weights(tmp_path / "whole"), load_weights(tmp_path / "cut"))
     whole = json.loads((tmp_path / "whole" / "result.json").read_text())
     assert [e["test_accuracy"] for e in whole["epochs"]] == [e["test_accuracy"] for e in resumed.epochs]
 
@@ -142,3 +139,13 @@ def test_top_level_api():
 
     result = polytrain.train(polytrain.Experiment(dataset="digits", model="mlp", epochs=1, threads=1))
     assert isinstance(result, polytrain.Result) and result.config["dataset"] == "digits"
+
+
+def test_weights_of_different_models_are_not_compared():
+    from polytrain.models import build_model
+    from polytrain.train.result import max_weight_difference
+
+    lenet = build_model("lenet5", 10, (1, 8, 8)).state_dict()
+    assert max_weight_difference(lenet, lenet) == 0.0
+    with pytest.raises(ValueError, match="not of the same model: their keys or shapes differ"):
+        max_weight_difference(lenet, build_model("mlp", 10, (1, 8, 8)).state_dict())
