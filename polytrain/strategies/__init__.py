@@ -137,6 +137,22 @@ class PolicyBase:
         """Nothing to release."""
 
 
+class RankOptimizerState:
+    """A mixin for policies whose ranks each step an optimizer the checkpoint's model does not restore
+    (a model split over the ranks, or shared by them, and saved once): each rank's optimizer state is saved
+    with the rank's policy state. Set `name`, the strategy's, for the messages."""
+
+    name = ""
+
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        return {"optimizer": optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if "optimizer" not in state:
+            raise ValueError(f"the checkpoint holds no {self.name} optimizer state for this rank")
+        optimizer.load_state_dict(state["optimizer"])
+
+
 def policy_args(name: str, args: Mapping[str, Any]):
     """The validated `Args` of policy `name` from user arguments (ValueError naming the valid keys)."""
     args_class = STRATEGIES.get(name).Args

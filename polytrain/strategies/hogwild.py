@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from polytrain.comm.mesh import Mesh
-from polytrain.strategies import STRATEGIES, PolicyBase, Update
+from polytrain.strategies import STRATEGIES, PolicyBase, RankOptimizerState, Update
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,11 @@ def _shared_folder() -> str:
 
 
 @STRATEGIES.register("hogwild")
-class Hogwild(PolicyBase):
+class Hogwild(RankOptimizerState, PolicyBase):
     """Lock-free updates of one shared copy of the model by every rank of the host."""
 
     Args = HogwildArgs
+    name = "hogwild"
 
     def __init__(self, mesh: Mesh, args: HogwildArgs, compressor: None = None) -> None:
         if mesh.dp is None or mesh.dp.world_size != mesh.world_size:
@@ -93,11 +94,3 @@ class Hogwild(PolicyBase):
     def report(self) -> dict:
         return {"shared_memory_bytes": self.shared_bytes}
 
-    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """This process's optimizer state (the model is shared, and saved once)."""
-        return {"optimizer": optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if "optimizer" not in state:
-            raise ValueError("the checkpoint holds no hogwild optimizer state for this rank")
-        optimizer.load_state_dict(state["optimizer"])

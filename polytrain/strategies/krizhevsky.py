@@ -26,7 +26,7 @@ from torch import nn
 
 from polytrain.comm.mesh import Mesh
 from polytrain.parallel.hybrid import HybridModel, hybrid_plan
-from polytrain.strategies import STRATEGIES, PolicyBase, Update
+from polytrain.strategies import STRATEGIES, PolicyBase, RankOptimizerState, Update
 from polytrain.strategies.allreduce import AllReduce, AllReduceArgs
 
 
@@ -56,11 +56,12 @@ class KrizhevskyArgs:
 
 
 @STRATEGIES.register("krizhevsky")
-class Krizhevsky(PolicyBase):
+class Krizhevsky(RankOptimizerState, PolicyBase):
     """Data-parallel convolutions, model-parallel fully connected layers, the batch exchanged at the boundary
     (Krizhevsky 2014; see the module docstring)."""
 
     Args = KrizhevskyArgs
+    name = "krizhevsky"
     splits_model = True
 
     def __init__(self, mesh: Mesh, args: KrizhevskyArgs = KrizhevskyArgs(), compressor: None = None) -> None:
@@ -98,14 +99,6 @@ class Krizhevsky(PolicyBase):
         return {**self.conv.report(), "boundary": model.start if model is not None else None,
                 "pairs": [[pair.column, pair.row] for pair in model.pairs] if model is not None else []}
 
-    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """This rank's optimizer state (of its shards; the model is saved unsplit, once)."""
-        return {"optimizer": optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if "optimizer" not in state:
-            raise ValueError("the checkpoint holds no krizhevsky optimizer state for this rank")
-        optimizer.load_state_dict(state["optimizer"])
 
     def close(self) -> None:
         self.conv.close()
