@@ -21,7 +21,9 @@ and f under which its guarantee holds (Ben-Nun & Hoefler 2019, section 7.4; chec
   steps (`state_dict`).
 
 Aggregators are objects built once per run (`build_aggregator`); `aggregator(gradients)` returns the
-aggregate in the rows' dtype, computed in float64.
+aggregate in the rows' dtype, computed in float64. A policy that gathers every replica's whole gradient
+(`allreduce`, the `ps` servers) combines them through a `Combination`: the aggregator, after the Byzantine
+replicas' rows are replaced by their attack's (polytrain.faults.Byzantine).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any, Callable
 
 import torch
 
+from polytrain.faults import Byzantine
 from polytrain.registry import Registry
 
 AGGREGATORS: Registry[Callable[..., "Aggregator"]] = Registry("aggregator")
@@ -232,7 +235,7 @@ class CenteredClipping(Aggregator):
         return {"center": self.center}
 
     def load_state_dict(self, state: dict) -> None:
-        self.center = state["center"]
+        self.center = state.get("center")
 
 
 def build_aggregator(name: str, args: dict[str, Any] | None = None, f: int = 0) -> Aggregator:
@@ -248,3 +251,27 @@ def check_resilience(name: str, args: dict[str, Any] | None, n: int, f: int) -> 
     problem = build_aggregator(name, args, f).requires(n)
     if problem is not None:
         raise ValueError(problem)
+
+
+class Combination:
+    """How a policy combines the replicas' whole gradients: `combine(rows, step)` applies the Byzantine
+    replicas' attack to `rows` (n, d), then the aggregator.
+
+    Each row is one replica's gradient, scaled so that it estimates the whole batch's (the replica's share
+    times n): the `mean` of the rows is then exactly what a sum of the shares gives.
+    """
+
+    def __init__(self, aggregator: Aggregator, byzantine: Byzantine | None = None) -> None:
+        self.aggregator, self.byzantine = aggregator, byzantine
+
+    def combine(self, rows: torch.Tensor, step: int) -> torch.Tensor:
+        if self.byzantine is not None:
+            rows = self.byzantine.corrupt(rows, step)
+        return self.aggregator(rows)
+
+    def report(self) -> dict:
+        section = {"name": self.aggregator.name, "f": self.aggregator.f}
+        if self.byzantine is not None:
+            section["byzantine"] = {"ranks": list(self.byzantine.ranks), "attack": self.byzantine.attack,
+                                    "scale": self.byzantine.scale}
+        return section

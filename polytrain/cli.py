@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from polytrain.aggregators import AGGREGATORS
 from polytrain.comm import CommError
 from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
 from polytrain.comm.mesh import MeshShape
@@ -15,6 +16,7 @@ from polytrain.comm.sparse import SPARSE_ALLREDUCE_ALGORITHMS
 from polytrain.compress import COMPRESSORS
 from polytrain.config import Experiment, apply_overrides, load_toml, parse_assignments, parse_named
 from polytrain.data import DATASETS
+from polytrain.faults import parse_fault
 from polytrain.launch import WorkerFailed
 from polytrain.launch.cluster import DEFAULT_RUN_TIMEOUT_S, ClusterError, EmulatedCluster, HostFailed
 from polytrain.launch.script import add_run_parser, command_run
@@ -25,6 +27,7 @@ from polytrain.schedules import STEP_SCHEDULES
 from polytrain.strategies import STRATEGIES
 from polytrain.tasks import TASKS
 from polytrain.train import TrainingDiverged, stored_experiment, train
+from polytrain.train.loop import at_another_world_size
 from polytrain.train.optim import OPTIMIZERS, SCHEDULES
 from polytrain.train.progress import console_reporter
 
@@ -40,7 +43,7 @@ _FIELD_FLAGS = {"model": str, "dataset": str, "workers": int, "epochs": int, "ba
 REGISTRIES = {"models": MODELS, "datasets": DATASETS, "tasks": TASKS, "optimizers": OPTIMIZERS, "schedules": SCHEDULES,
               "step schedules": STEP_SCHEDULES, "strategies": STRATEGIES, "allreduce algorithms": ALLREDUCE_ALGORITHMS,
               "sparse allreduce algorithms": SPARSE_ALLREDUCE_ALGORITHMS, "compressors": COMPRESSORS,
-              "convolution algorithms": CONV_ALGORITHMS}
+              "convolution algorithms": CONV_ALGORITHMS, "aggregators": AGGREGATORS}
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +57,18 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compressor", default=None, help="NAME[+NAME][:k=v,...] (gradient compression)")
     parser.add_argument("--straggler", default=None,
                         help="slow one rank down: rank=R,slowdown=S (e.g. rank=1,slowdown=3)")
+    parser.add_argument("--aggregator", default=None,
+                        help="combine the replicas' whole gradients: NAME[:f=F,k=v,...] (mean, median, trimmed_mean, "
+                             "krum, multikrum, bulyan, geometric_median, centered_clipping)")
+    parser.add_argument("--fault", action="append", default=None, metavar="KIND:k=v,...",
+                        help="inject a fault (repeatable): kill:rank=R,step=S, hang:rank=R,step=S, slow:rank=R,factor=F, "
+                             "corrupt-checkpoint, byzantine:ranks=R[+R],attack=signflip|scaled|gaussian|alie|ipm|labelflip")
+    parser.add_argument("--max-restarts", type=int, default=None, dest="max_restarts",
+                        help="restart a run whose rank died or hung from its newest intact checkpoint, up to R times")
+    parser.add_argument("--elastic", action="store_true", default=None,
+                        help="restart with the surviving workers (synchronous data parallelism)")
+    parser.add_argument("--keep-checkpoints", type=int, default=None, dest="keep_checkpoints",
+                        help="checkpoints kept (the newest as checkpoint.pt; default 1)")
     parser.add_argument("--data-path", default=None, help="directory of a user dataset (mnist, cifar10, ...)")
     parser.add_argument("--config", default=None, help="TOML file of settings")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -125,6 +140,13 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         overrides["strategy"], overrides["strategy_args"] = parse_named(args.strategy, "--strategy")
     if args.compressor is not None:
         overrides["compressor"], overrides["compressor_args"] = parse_named(args.compressor, "--compressor")
+    if args.aggregator is not None:
+        overrides["aggregator"], overrides["aggregator_args"] = parse_named(args.aggregator, "--aggregator")
+    if args.fault is not None:
+        overrides["faults"] = [parse_fault(spec) for spec in args.fault]
+    for name in ("max_restarts", "elastic", "keep_checkpoints"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     if args.straggler is not None:
         overrides["straggler"] = parse_assignments([part for part in args.straggler.split(",") if part], "--straggler")
     if args.mesh is not None:
@@ -133,17 +155,6 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         overrides["dataset_args.path"] = args.data_path
     overrides.update(parse_assignments(args.set))
     return overrides
-
-
-def at_another_world_size(stored: Experiment, workers: int) -> Experiment:
-    """A stored run's settings with what follows from the world size derived anew for `workers` ranks:
-    the mesh, the threads per rank, and local <-> allreduce (the same synchronous SGD on 1 and N workers)."""
-    strategy, strategy_args = stored.strategy, stored.strategy_args
-    if workers == 1 and strategy == "allreduce":
-        strategy, strategy_args = "local", {}
-    elif workers > 1 and strategy == "local":
-        strategy = "allreduce"
-    return stored.replace(workers=workers, mesh={}, threads=None, strategy=strategy, strategy_args=strategy_args)
 
 
 def command_train(args: argparse.Namespace) -> int:

@@ -59,6 +59,11 @@ class Experiment:
             `first+second` (polytrain.compress.build).
         compressor_args: arguments of the compressor and its wrappers (ef, min_numel, exclude_biases,
             exclude, min_rate).
+        aggregator: how the replicas' whole gradients are combined (polytrain.aggregators: mean, median,
+            trimmed_mean, krum, multikrum, bulyan, geometric_median, centered_clipping; None: summed by the
+            policy's allreduce, without gathering them).
+        aggregator_args: arguments of the aggregator, and f, the Byzantine replicas it must tolerate (default:
+            the byzantine fault's ranks, else 1).
         epochs: passes over the training split.
         batch_size: global batch: samples per optimizer step over all workers.
         optimizer: torch.optim optimizer by registered name.
@@ -84,6 +89,14 @@ class Experiment:
         checkpoint_steps: also checkpoint every this many steps (0: only at the end of each epoch).
         straggler: slow one rank down reproducibly, {"rank": R, "slowdown": S}: rank R's forward and
             backward passes take S times as long (polytrain.train.straggler); {} (default): none.
+        faults: faults injected on purpose, a list of tables such as {kind = "kill", rank = 2, step = 30}
+            (polytrain.faults: kill, hang, slow, corrupt-checkpoint, byzantine).
+        max_restarts: how often a run whose rank died or hung restarts itself from its newest intact
+            checkpoint (local worker processes; under torchrun its own --max-restarts).
+        elastic: restart with the surviving workers instead of as many as before (synchronous data
+            parallelism: the global batch stays and is re-sharded).
+        keep_checkpoints: checkpoints kept, the newest as checkpoint.pt and the ones before as
+            checkpoint.STEP.pt; a corrupt newest one falls back to the one before.
         threads: torch threads per worker (None: the machine's cores divided by the workers).
         timeout_s: the longest any communication may wait for a peer before the run fails.
         out: directory for result.json, metrics.jsonl, model.pt and checkpoints.
@@ -110,6 +123,8 @@ class Experiment:
     amp: str = "none"
     compressor: str | None = None
     compressor_args: dict = field(default_factory=dict)
+    aggregator: str | None = None
+    aggregator_args: dict = field(default_factory=dict)
     epochs: int | None = None
     batch_size: int | None = None
     optimizer: str | None = None
@@ -128,6 +143,10 @@ class Experiment:
     target: float | None = None
     checkpoint_steps: int = 0
     straggler: dict = field(default_factory=dict)
+    faults: list = field(default_factory=list)
+    max_restarts: int = 0
+    elastic: bool = False
+    keep_checkpoints: int = 1
     threads: int | None = None
     timeout_s: float = 60.0
     out: str | None = None

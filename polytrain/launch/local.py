@@ -28,11 +28,17 @@ class WorkerFailed(RuntimeError):
 
     Attributes:
         worker_traceback: the failed rank's traceback, when it could report one (shown by --debug).
+        lost_ranks: the ranks that died without a word or, when none did, those that never reported and had
+            to be stopped (hung); the others noticed them.
+        detected_at: when the launcher first saw the failure (time.time()).
     """
 
-    def __init__(self, message: str, worker_traceback: str = "") -> None:
+    def __init__(self, message: str, worker_traceback: str = "", lost_ranks: list[int] | None = None,
+                 detected_at: float | None = None) -> None:
         super().__init__(message)
         self.worker_traceback = worker_traceback
+        self.lost_ranks = list(lost_ranks or [])
+        self.detected_at = detected_at if detected_at is not None else time.time()
 
 
 def under_torchrun() -> bool:
@@ -180,6 +186,7 @@ def _collect(processes: list, results: mp.Queue) -> list[Any]:
     tracebacks: dict[int, str] = {}
     died: dict[int, str] = {}
     first_failure_at: float | None = None
+    detected_at = 0.0
     while len(values) < len(processes):
         try:
             outcome = results.get(timeout=0.1)
@@ -194,10 +201,12 @@ def _collect(processes: list, results: mp.Queue) -> list[Any]:
             if rank not in values and rank not in reported and process.exitcode not in (None, 0):
                 died.setdefault(rank, exit_reason(process.exitcode))
         if (reported or died) and first_failure_at is None:
-            first_failure_at = time.monotonic()
+            first_failure_at, detected_at = time.monotonic(), time.time()
         if first_failure_at is not None and time.monotonic() - first_failure_at > FAILURE_GRACE_S:
             rank, message = _first_failure(reported, died)
-            raise WorkerFailed(message, tracebacks.get(rank, ""))
+            silent = [r for r, process in enumerate(processes)
+                      if r not in values and r not in reported and process.exitcode is None]
+            raise WorkerFailed(message, tracebacks.get(rank, ""), sorted(died) or silent, detected_at)
     return [values[rank] for rank in range(len(processes))]
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import torch
 from torch import nn
 
+from polytrain.aggregators import Combination
 from polytrain.comm.mesh import Mesh
 from polytrain.compress import Compressor
 from polytrain.registry import Registry
@@ -100,6 +101,8 @@ class PolicyBase:
 
     parallel = True
     compresses = False
+    aggregates = False  # combines the replicas' whole gradients with a Combination (--aggregator)
+    combination: Combination | None = None
     splits_model = False
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
@@ -168,12 +171,18 @@ def server_ranks(name: str, args: Mapping[str, Any]) -> int:
     return getattr(policy_args(name, args), "servers", 0)
 
 
-def build_policy(name: str, mesh: Mesh, args: Mapping[str, Any], compressor: Compressor | None = None) -> UpdatePolicy:
-    """The update policy `name` of this rank; `compressor` only for policies that compress."""
+def build_policy(name: str, mesh: Mesh, args: Mapping[str, Any], compressor: Compressor | None = None,
+                 combination: Combination | None = None) -> UpdatePolicy:
+    """The update policy `name` of this rank; `compressor` only for policies that compress, `combination`
+    (a robust aggregator of the replicas' whole gradients) only for those that aggregate."""
     factory = STRATEGIES.get(name)
     if compressor is not None and not factory.compresses:
         raise ValueError(f"strategy {name} takes no gradient compressor")
-    return factory(mesh, policy_args(name, args), compressor)
+    if combination is not None and not factory.aggregates:
+        raise ValueError(f"strategy {name} does not gather the replicas' gradients; --aggregator needs allreduce or ps")
+    policy = factory(mesh, policy_args(name, args), compressor)
+    policy.combination = combination  # read by prepare and step
+    return policy
 
 
 @dataclasses.dataclass(frozen=True)

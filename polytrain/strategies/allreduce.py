@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
+from polytrain.comm.gather import all_gather
 from polytrain.comm.mesh import Mesh
 from polytrain.comm.sparse import SPARSE_ALLREDUCE_ALGORITHMS
 from polytrain.compress import Compressor
@@ -106,6 +107,11 @@ class AllReduce(PolicyBase):
     payloads summed as the compressor declares (polytrain.strategies.compressed). Fully connected layers
     may instead exchange their sufficient factors (polytrain.strategies.sufficient_factors).
 
+    With a robust aggregator (`--aggregator`, a Combination), there are no buckets: after backward every
+    replica's whole gradient vector is all-gathered (counted as `allgather`: (n-1) d elements received per
+    rank), combined identically on every rank (polytrain.aggregators) and applied; the aggregator's state
+    (centered clipping's center) is the same on every rank.
+
     Args:
         mesh: this rank's mesh; gradients are summed over its dp communicator.
         args: see AllReduceArgs.
@@ -114,6 +120,7 @@ class AllReduce(PolicyBase):
 
     Args = AllReduceArgs
     compresses = True
+    aggregates = True
 
     def __init__(self, mesh: Mesh, args: AllReduceArgs = AllReduceArgs(), compressor: Compressor | None = None) -> None:
         if mesh.dp is None:
@@ -135,6 +142,9 @@ class AllReduce(PolicyBase):
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         if self.args.sync_bn:
             model = convert_sync_batchnorm(model, self.sum_across_ranks)
+        if self.combination is not None:
+            self.gathered = [p for p in model.parameters() if p.requires_grad]
+            return model
         if self.args.sufficient_factors != "off":
             # The local batch is set by set_batch_size before the first step.
             self.factors = SufficientFactors(self.comm, model, self.algorithm, 1, self.args.sufficient_factors)
@@ -193,8 +203,20 @@ class AllReduce(PolicyBase):
         self.last_microbatch = last_microbatch
 
     def step(self, model: nn.Module, update: Update, global_step: int) -> None:
-        self.reduce_gradients()
+        if self.combination is not None:
+            self.combine_gradients(global_step)
+        else:
+            self.reduce_gradients()
         update()
+
+    def combine_gradients(self, global_step: int) -> None:
+        """Every replica's whole gradient, gathered and combined by the run's aggregator."""
+        params = self.gathered
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        rows = torch.stack(self.queue.run(all_gather, self.comm, flat, True)) * self.world_size
+        combined = self.combination.combine(rows, global_step)
+        for param, values in zip(params, combined.split([p.numel() for p in params])):
+            param.grad = values.view_as(param)
 
     def reduce_gradients(self) -> None:
         """Launches the buckets not yet launched (unused parameters, no overlap), then unpacks every sum."""
@@ -237,6 +259,8 @@ class AllReduce(PolicyBase):
 
     def report(self) -> dict:
         section = {"algorithm": self.algorithm.name, "buckets": len(self.buckets)}
+        if self.combination is not None:
+            section["aggregator"] = self.combination.report()
         if self.reducer is not None:
             section["compressor"] = {"name": self.compressor.name, "sparse_algorithm": self.args.sparse_algorithm,
                                      "uncompressed_parameters": self.reducer.uncompressed()}
@@ -245,10 +269,15 @@ class AllReduce(PolicyBase):
         return section
 
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """This rank's compressor state (residuals differ between ranks)."""
+        """This rank's compressor state (residuals differ between ranks), the aggregator's (the same on every
+        rank)."""
+        if self.combination is not None:
+            return {"aggregator": self.combination.aggregator.state_dict()}
         return {"compressor": self.reducer.state_dict()} if self.reducer is not None else {}
 
     def load_state_dict(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.combination is not None:
+            self.combination.aggregator.load_state_dict(state.get("aggregator", {}))
         if self.reducer is not None:
             if "compressor" not in state:
                 raise ValueError("the checkpoint holds no compressor state; it was trained without --compressor")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,62 @@ class CheckpointError(ValueError):
 def checkpoint_path(directory: str | Path) -> Path:
     """Where a run directory keeps its latest checkpoint."""
     return Path(directory) / CHECKPOINT_NAME
+
+
+def older_checkpoint_path(directory: str | Path, step: int) -> Path:
+    """Where a run directory keeps the checkpoint of global step `step` once a newer one exists."""
+    return Path(directory) / f"checkpoint.{step}.pt"
+
+
+def checkpoints_newest_first(directory: str | Path) -> list[Path]:
+    """checkpoint.pt, then the older checkpoint.STEP.pt by step, newest first (those that exist)."""
+    directory = Path(directory)
+    older = []
+    for path in directory.glob("checkpoint.*.pt"):
+        step = path.name[len("checkpoint."):-len(".pt")]
+        if step.isdigit():
+            older.append((int(step), path))
+    newest = [checkpoint_path(directory)] if checkpoint_path(directory).exists() else []
+    return newest + [path for _, path in sorted(older, reverse=True)]
+
+
+def keep_previous(directory: str | Path, step: int, keep: int) -> None:
+    """Before a new checkpoint.pt is written: the current one (of global step `step`) stays as
+    checkpoint.STEP.pt (a hard link, so there is no moment without it), and only the `keep` - 1 newest older
+    ones are kept."""
+    newest = checkpoint_path(directory)
+    if not newest.exists():
+        return
+    previous = older_checkpoint_path(directory, step)
+    previous.unlink(missing_ok=True)
+    try:
+        os.link(newest, previous)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(newest, previous)
+    for stale in checkpoints_newest_first(directory)[keep:]:
+        stale.unlink(missing_ok=True)
+
+
+def load_newest_intact(directory: str | Path, quarantine: bool = False
+                       ) -> tuple[Path, dict[str, Any], list[str]] | None:
+    """The newest checkpoint of run `directory` that loads, its state, and why each newer one was passed over;
+    None when there is none. With `quarantine`, the newer ones are renamed to NAME.corrupt once an older one is
+    taken (the run continues there, and no later rotation takes them for good ones). With no intact one,
+    nothing is renamed and CheckpointError names them all."""
+    skipped, corrupt = [], []
+    for path in checkpoints_newest_first(directory):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as error:
+            skipped.append(str(error))
+            corrupt.append(path)
+            continue
+        for bad in corrupt if quarantine else ():
+            bad.replace(bad.with_name(bad.name + ".corrupt"))
+        return path, state, skipped
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint in {directory}: {'; '.join(skipped)}")
+    return None
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

@@ -11,10 +11,12 @@ import os
 
 import torch
 
+from polytrain.aggregators import check_resilience
 from polytrain.comm.mesh import MeshShape
 from polytrain.compress import check_compressor
 from polytrain.config import ConfigError, Experiment
 from polytrain.data import DATASETS
+from polytrain.faults import Byzantine, check_faults
 from polytrain.models import MODELS
 from polytrain.ops.precision import ROUNDING_MODES, parse_format
 from polytrain.plugins import load_plugins
@@ -114,6 +116,7 @@ def resolve(exp: Experiment, *, own: tuple[str, ...] = ()) -> Experiment:
         changes["threads"] = max(1, (os.cpu_count() or 1) // (workers + server_ranks(strategy, exp.strategy_args)))
     # Every optimizer keyword explicit in result.json: momentum 0.9 for momentum/nesterov, else torch's defaults.
     changes["optimizer_args"] = {**optimizer_defaults(changes.get("optimizer", exp.optimizer)), **exp.optimizer_args}
+    changes.update(_resolve_faults(exp, workers, shape.dp))
     resolved = dataclasses.replace(exp, model=model, **changes)
     validate(resolved, own=own)
     return resolved
@@ -213,6 +216,80 @@ def _check_servers(exp: Experiment, shape: MeshShape, servers: int) -> None:
            f"{exp.strategy} hold them; use the default precision")
 
 
+def _resolve_faults(exp: Experiment, workers: int, replicas: int) -> dict:
+    """A slow fault becomes the run's straggler; a gradient attack without an aggregator meets the plain
+    mean of the gathered gradients; the aggregator's f defaults to the Byzantine replicas (else 1)."""
+    try:
+        check_faults(exp.faults, workers, replicas)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    changes: dict = {}
+    slow = next((f for f in exp.faults if f["kind"] == "slow"), None)
+    if slow is not None:
+        straggler = {"rank": slow["rank"], "slowdown": slow["factor"]}
+        _check(exp.straggler in ({}, straggler), "--fault slow and --straggler both slow a rank down; give one")
+        changes["straggler"] = straggler
+    byzantine = Byzantine.of(exp.faults)
+    aggregator = exp.aggregator
+    if aggregator is None and byzantine is not None and byzantine.attacks_gradients:
+        aggregator = changes["aggregator"] = "mean"
+    if aggregator is not None:
+        changes["aggregator_args"] = {"f": len(byzantine.ranks) if byzantine is not None else 1,
+                                      **exp.aggregator_args}
+    return changes
+
+
+def _check_faults(exp: Experiment, shape: MeshShape) -> None:
+    """The faults, the aggregator and what restarts a run: refused in one line before any worker starts."""
+    try:
+        check_faults(exp.faults, exp.workers, shape.dp)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    byzantine = Byzantine.of(exp.faults)
+    if exp.aggregator is not None:
+        _check(STRATEGIES.get(exp.strategy).aggregates,
+               f"--aggregator combines the replicas' gathered gradients, which strategy {exp.strategy} does not "
+               f"gather; use allreduce or ps")
+        _check(shape.world_size == shape.dp, f"--aggregator combines whole gradient vectors, but mesh "
+                                             f"{shape.describe()} splits the model; use dp only")
+        _check(exp.compressor is None, f"--aggregator gathers every replica's whole gradient; --compressor "
+                                       f"{exp.compressor} sums compressed buckets instead (use one of them)")
+        strategy_args = policy_args(exp.strategy, exp.strategy_args)
+        _check(getattr(strategy_args, "sufficient_factors", "off") == "off",
+               "--aggregator gathers whole gradients; sufficient factors rebuild them from activations "
+               "(use sufficient_factors=off)")
+        args = dict(exp.aggregator_args)
+        f = args.pop("f")
+        _check(_whole_number(f) and f >= 0, f"aggregator f is the number of Byzantine replicas to tolerate, a whole "
+                                            f"number >= 0; got {f!r}")
+        try:
+            check_resilience(exp.aggregator, args, shape.dp, f)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    if byzantine is not None and byzantine.attacks_gradients:
+        _check(exp.aggregator is not None, f"byzantine attack {byzantine.attack} replaces gradients where they are "
+                                           f"combined; it needs --aggregator")
+    if byzantine is not None and byzantine.attack == "labelflip":
+        _check(TASKS.get(exp.task).metric == ACCURACY, f"byzantine attack labelflip flips class labels; task "
+                                                      f"{exp.task} has none")
+    _check(_whole_number(exp.max_restarts) and exp.max_restarts >= 0,
+           f"max restarts must be a whole number >= 0, got {exp.max_restarts!r}")
+    _check(_whole_number(exp.keep_checkpoints) and exp.keep_checkpoints >= 1,
+           f"keep checkpoints must be a whole number >= 1, got {exp.keep_checkpoints!r}")
+    if exp.max_restarts:
+        _check(exp.out is not None, "--max-restarts restarts from the run's checkpoints; give --out DIR")
+    if exp.elastic:
+        _check(exp.max_restarts >= 1, "--elastic says how a run restarts; give --max-restarts R >= 1 too")
+        _check(exp.strategy in ("allreduce", "local") and shape.world_size == shape.dp and exp.compressor is None,
+               f"--elastic continues with fewer replicas, which needs synchronous data parallelism without per-rank "
+               f"state (allreduce over dp, no compressor); got strategy {exp.strategy}, mesh {shape.describe()}"
+               f"{', compressor ' + exp.compressor if exp.compressor else ''}")
+
+
+def _whole_number(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -265,6 +342,7 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
                                       f"{exp.strategy} each rank holds a shard of the model; use no clipping")
     straggler = straggler_error(exp.straggler, exp.workers)
     _check(straggler is None, straggler or "")
+    _check_faults(exp, shape)
     if hasattr(strategy_args, "check_replicas"):
         strategy_args.check_replicas(replicas)
     _check(not getattr(strategy_args, "receives_from_any_rank", False) or exp.device == "cpu",

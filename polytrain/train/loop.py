@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -22,14 +23,16 @@ from polytrain.data import load_dataset
 from polytrain.data.augment import augment_images, draw_augmentation
 from polytrain.data.loading import RunData, run_data
 from polytrain.data.sampler import ShardedBatchSampler
-from polytrain.launch import init_from_torchrun, run_workers, under_torchrun
+from polytrain.faults import FaultInjector, flip_byte, flip_labels, read_events, record_event
+from polytrain.launch import WorkerFailed, init_from_torchrun, run_workers, under_torchrun
 from polytrain.models import build_model
 from polytrain.ops.precision import parse_format, quantize_parameters_, rounding_generator
 from polytrain.parallel.pipeline import check_partition
 from polytrain.plugins import load_plugins
 from polytrain.schedules import STEP_SCHEDULES, StepContext, settle_schedule
 from polytrain.tasks import TASKS, Task
-from polytrain.train.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, reshard_error
+from polytrain.train.checkpoint import (CheckpointError, checkpoint_path, keep_previous, load_checkpoint,
+                                        load_newest_intact, reshard_error)
 from polytrain.strategies import policy_args, server_ranks
 from polytrain.train.defaults import chunks_per_rank, resolve, run_ranks
 from polytrain.train.environment import environment
@@ -42,7 +45,7 @@ from polytrain.train.straggler import Straggler
 
 # Settings that may differ when resuming: they do not change what has been computed so far.
 RESUMABLE_CHANGES = ("epochs", "out", "target", "checkpoint_steps", "threads", "timeout_s", "device",
-                     "loader_workers", "straggler")
+                     "loader_workers", "straggler", "faults", "max_restarts", "elastic", "keep_checkpoints")
 # Settings that may differ when a run resumes at another world size (the global batch stays and the sampler
 # re-shards it), provided its policy state is the same on every rank (checkpoint.reshard_error). The strategy
 # may change between `local` and `allreduce`: the same synchronous SGD on 1 and on N replicas.
@@ -78,6 +81,25 @@ class _Position:
     wall_s: float = 0.0  # training wall time before this process started (resumed runs)
     history: list[dict] = field(default_factory=list)
     totals: _EpochTotals = field(default_factory=_EpochTotals)
+
+
+@dataclass
+class Attempt:
+    """Which attempt of a self-restarting run this is, and the global step its predecessor failed at (None:
+    unknown); rank 0 records in faults.jsonl when it resumes training and when it is back at that step."""
+
+    number: int = 0
+    redo_until: int | None = None
+    resumed: bool = False
+
+    def reached(self, out: Path | None, global_step: int) -> None:
+        if self.number == 0:
+            return
+        if not self.resumed:
+            self.resumed = True
+            record_event(out, event="resumed", attempt=self.number, step=global_step)
+        if global_step == self.redo_until:
+            record_event(out, event="caught_up", attempt=self.number, step=global_step)
 
 
 @torch.no_grad()
@@ -146,10 +168,12 @@ class Trainer:
         on_step: called with the global step number after every step (single-process runs).
         comm: this rank's communicator over the run's ranks (None: a single process).
         own: the user's own model factory, data and task, in place of exp's registry names.
+        attempt: which attempt of a self-restarting run this is (injected kills and hangs fire in the first).
     """
 
     def __init__(self, exp: Experiment, reporter: Reporter, on_step: Callable[[int], None] | None,
-                 comm: Communicator | None = None, own: OwnObjects = OwnObjects()) -> None:
+                 comm: Communicator | None = None, own: OwnObjects = OwnObjects(),
+                 attempt: Attempt | None = None) -> None:
         load_plugins()  # a spawned rank registers the plugins' names again
         self.exp = exp
         self.reporter = reporter
@@ -161,7 +185,8 @@ class Trainer:
         self.session = Session(comm, strategy=exp.strategy, strategy_args=exp.strategy_args,
                                compressor=exp.compressor, compressor_args=exp.compressor_args, mesh=exp.mesh,
                                device=exp.device, amp=exp.amp, grad_clip=exp.grad_clip, seed=exp.seed,
-                               tp_plan=exp.tp_plan, chunks=chunks_per_rank(exp), partition=exp.partition)
+                               tp_plan=exp.tp_plan, chunks=chunks_per_rank(exp), partition=exp.partition,
+                               aggregator=exp.aggregator, aggregator_args=exp.aggregator_args, faults=exp.faults)
         self.device, self.mesh, self.rank = self.session.device, self.session.mesh, self.session.rank
         self.data = load_run_data(exp, own.data)
         self.task = own.task or TASKS.get(exp.task)
@@ -182,6 +207,12 @@ class Trainer:
         self.precision = self.session.precision
         self.position = _Position()
         self.straggler = Straggler(exp.straggler, self.rank)
+        self.attempt = attempt or Attempt()
+        self.faults = FaultInjector(exp.faults, self.rank, self.attempt.number, exp.out)
+        self.saved_step: int | None = None  # the global step of checkpoint.pt, which the next save keeps
+        byzantine = self.session.byzantine
+        self.flips_labels = byzantine is not None and not self.mesh.is_server and \
+            byzantine.flips_labels(self.mesh.dp_rank)
         self.out = Path(exp.out) if exp.out else None
         if self.out is not None and self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)  # fail on an unwritable --out before training
@@ -202,7 +233,10 @@ class Trainer:
                              "batch_size": self.schedule.batch_size_at(position.epoch)},
                  "wall_s": position.wall_s + self.elapsed(), "history": position.history}
         self.session.global_step = position.global_step
+        if self.rank == 0 and self.exp.keep_checkpoints > 1 and self.saved_step not in (None, position.global_step):
+            keep_previous(self.out, self.saved_step, self.exp.keep_checkpoints)
         self.session.save(checkpoint_path(self.out), extra, {"totals": vars(position.totals).copy()})
+        self.saved_step = position.global_step
 
     def restore(self, state: dict) -> None:
         """Continues from a checkpoint written by `save`, at its world size or, for synchronous policies
@@ -217,6 +251,7 @@ class Trainer:
         else:
             totals = _EpochTotals()
         sampler = state["sampler"]
+        self.saved_step = None  # a fallback's newer, corrupt checkpoint.pt is not kept
         self.position = _Position(epoch=sampler["epoch"], step=sampler["step"], global_step=state["global_step"],
                                   wall_s=state["wall_s"], history=list(state["history"]), totals=totals)
 
@@ -266,6 +301,9 @@ class Trainer:
         # Reading the data is part of the step's time (a DataLoader's workers prefetch while the step runs).
         started = time.perf_counter()
         for indices, x, y in self.data.train_batches(sampler, epoch, position.step):
+            self.faults.before_step(position.global_step)
+            if self.rank == 0:
+                self.attempt.reached(self.out, position.global_step)
             lr = self.schedule.lr_at(epoch, position.step, steps)
             loss_sum = self.train_step(indices, x, y, sampler.global_batch_len(position.step), lr)
             position.totals.train_s += time.perf_counter() - started
@@ -317,6 +355,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.augmentation is not None:
             x = augment_images(x, self.augmentation[indices], self.exp.augment_shift)
+        if self.flips_labels:
+            y = flip_labels(y, self.data.num_classes)
         x, y = x.to(self.device), y.to(self.device)
         context = StepContext(global_batch, self.policy.before_backward, self.precision.autocast,
                               self.precision.scale_loss, self.task)
@@ -442,40 +482,54 @@ def _check_resumable(exp: Experiment, state: dict, directory: Path) -> None:
             raise ConfigError(f"cannot resume {directory}: {error}")
 
 
+def newest_checkpoint(directory: str | Path, quarantine: bool = False) -> tuple[Path, dict]:
+    """The newest intact checkpoint of run `directory` (a corrupt newer one is passed over with a notice)."""
+    found = load_newest_intact(directory, quarantine)
+    if found is None:
+        raise CheckpointError(f"no checkpoint at {checkpoint_path(directory)}: expected a file written by "
+                              f"polytrain train --out")
+    path, state, skipped = found
+    for reason in skipped:
+        print(f"polytrain: {reason}; continuing from {path.name} instead", file=sys.stderr)
+    return path, state
+
+
 def stored_experiment(directory: str | Path) -> Experiment:
-    """The resolved Experiment saved in the checkpoint of run directory `directory`."""
-    return Experiment(**load_checkpoint(checkpoint_path(directory))["config"])
+    """The resolved Experiment saved in the newest intact checkpoint of run directory `directory`."""
+    return Experiment(**newest_checkpoint(directory)[1]["config"])
 
 
-def _resume_state(exp: Experiment, resume: str | Path | None) -> dict | None:
-    """The checkpoint to continue from, checked against `exp`; refuses to overwrite another run."""
+def _resume_state(exp: Experiment, resume: str | Path | None) -> tuple[Path, dict] | None:
+    """The checkpoint file to continue from and its state, checked against `exp`; refuses to overwrite
+    another run."""
     if resume is None:
         if exp.out is not None and checkpoint_path(exp.out).exists():
             raise ConfigError(f"{exp.out} already holds a run ({checkpoint_path(exp.out).name}); "
                               f"continue it with --resume {exp.out} or choose another --out")
         return None
-    state = load_checkpoint(checkpoint_path(resume))
+    path, state = newest_checkpoint(resume, quarantine=True)
     if "ranks" not in state:
-        raise CheckpointError(f"{checkpoint_path(resume)} was written by an older polytrain without per-rank "
+        raise CheckpointError(f"{path} was written by an older polytrain without per-rank "
                               f"state; it cannot be resumed by this version")
     _check_resumable(exp, state, Path(resume))
-    return state
+    return path, state
 
 
 def _run(exp: Experiment, state: dict | None, reporter: Reporter, on_step, comm: Communicator | None,
-         own: OwnObjects = OwnObjects()) -> Result:
-    trainer = Trainer(exp, reporter, on_step, comm, own)
+         own: OwnObjects = OwnObjects(), attempt: Attempt | None = None) -> Result:
+    trainer = Trainer(exp, reporter, on_step, comm, own, attempt)
     if state is not None:
         trainer.restore(state)
     return trainer.run()
 
 
-def _train_rank(comm: Communicator, exp: Experiment, resume: str | None, report: bool,
-                own: OwnObjects) -> Result | None:
-    """One spawned rank of a multi-worker run; rank 0 returns the Result."""
-    state = load_checkpoint(checkpoint_path(resume)) if resume is not None else None
+def _train_rank(comm: Communicator, exp: Experiment, checkpoint: str | None, report: bool,
+                own: OwnObjects, attempt: Attempt) -> Result | None:
+    """One spawned rank of a multi-worker run (`checkpoint`: the file to continue from); rank 0 returns the
+    Result."""
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
     reporter = console_reporter(sys.stdout) if report and comm.rank == 0 else SilentReporter()
-    result = _run(exp, state, reporter, None, comm, own)
+    result = _run(exp, state, reporter, None, comm, own, attempt)
     return result if comm.rank == 0 else None
 
 
@@ -484,7 +538,7 @@ def _train_ranks_sequence(comm: Communicator, experiments: list[Experiment], res
     """Several runs, one after the other, on the same spawned ranks; rank 0 returns the Results."""
     results = []
     for exp, resume in zip(experiments, resumes):
-        state = load_checkpoint(checkpoint_path(resume)) if resume is not None else None
+        state = load_checkpoint(resume) if resume is not None else None
         reporter = console_reporter(sys.stdout) if report and comm.rank == 0 else SilentReporter()
         results.append(_run(exp, state, reporter, None, comm, own))
     return results if comm.rank == 0 else None
@@ -535,7 +589,7 @@ def train_sequence(experiments: list[Experiment], *, resume: list[str | Path | N
     for exp, directory in zip(resolved, resumes):
         _resume_state(exp, directory)
         check_model_fits(exp, own)
-    resumes = [str(directory) if directory is not None else None for directory in resumes]
+    resumes = [str(newest_checkpoint(directory)[0]) if directory is not None else None for directory in resumes]
     return run_workers(_train_ranks_sequence, ranks.pop(), (resolved, resumes, report, own),
                        threads=resolved[0].threads,
                        backend=backend_for(resolved[0].device), timeout_s=max(exp.timeout_s for exp in resolved))[0]
@@ -606,19 +660,122 @@ def train(exp: Experiment, *, resume: str | Path | None = None, reporter: Report
     own = _own_objects(model, data, task)
     torchrun = under_torchrun()
     exp = resolve(_with_own(_with_torchrun_world(exp) if torchrun else exp, own), own=_owned(own))
-    state = _resume_state(exp, resume)
+    resumed = _resume_state(exp, resume)
     if run_ranks(exp) > 1 and not torchrun:
         if on_step is not None:
             raise ConfigError("on_step callbacks need a single process; spawned workers cannot call back")
         check_model_fits(exp, own)
-        resume_dir = str(resume) if resume is not None else None
-        results = run_workers(_train_rank, run_ranks(exp), (exp, resume_dir, reporter is not None, own),
-                              threads=exp.threads, backend=backend_for(exp.device), timeout_s=exp.timeout_s)
-        return results[0]
+        return supervise(exp, str(resumed[0]) if resumed is not None else None, reporter is not None, own)
+    _check(not exp.max_restarts or not torchrun, "under torchrun a run is restarted by torchrun itself: use its "
+                                                 "--max-restarts (and an elastic rendezvous), not polytrain's")
+    _check(not [f for f in exp.faults if f["kind"] in ("kill", "hang")] or torchrun,
+           "kill and hang faults stop a worker process; a single-process run has none to spare (--workers 2 or more)")
     comm = init_from_torchrun(exp.timeout_s, backend=backend_for(exp.device)) if torchrun else None
     if reporter is None or (comm is not None and comm.rank != 0):
         reporter = SilentReporter()  # one progress display per run: rank 0's
-    return _run(exp, state, reporter, on_step, comm, own)
+    return _run(exp, resumed[1] if resumed is not None else None, reporter, on_step, comm, own)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def supervise(exp: Experiment, checkpoint: str | None, report: bool, own: OwnObjects = OwnObjects()) -> Result:
+    """Runs `exp` on local worker processes and, when a rank dies or hangs (the others notice within the
+    collective timeout; the launcher stops every rank), restarts it from its newest intact checkpoint up to
+    `exp.max_restarts` times: with as many workers as before, or with the survivors when `exp.elastic`.
+    The Result (and result.json) record every failure under `faults`."""
+    failures: list[dict] = []
+    attempt = Attempt()
+    current = exp
+    started = time.time()
+    while True:
+        try:
+            result = run_workers(_train_rank, run_ranks(current), (current, checkpoint, report, own, attempt),
+                                 threads=current.threads, backend=backend_for(current.device),
+                                 timeout_s=current.timeout_s)[0]
+            break
+        except WorkerFailed as error:
+            if attempt.number >= exp.max_restarts:
+                if failures:
+                    raise WorkerFailed(f"{error} (attempt {attempt.number + 1}; --max-restarts {exp.max_restarts} "
+                                       f"used up)", error.worker_traceback) from None
+                raise
+            failure = _failure(current, error, attempt.number)
+            if attempt.number == 0 and any(f["kind"] == "corrupt-checkpoint" for f in exp.faults) and \
+                    checkpoint_path(exp.out).exists():
+                flip_byte(checkpoint_path(exp.out))
+                failure["corrupted"] = checkpoint_path(exp.out).name
+            found = load_newest_intact(exp.out, quarantine=True)
+            if current.elastic:
+                survivors = current.workers - len(failure["lost_ranks"])
+                _check(survivors >= 1, f"every worker of the run was lost ({error}); nothing to continue with")
+                current = resolve(at_another_world_size(current, survivors), own=_owned(own))
+            if found is not None:
+                path, state, skipped = found
+                failure.update(resumed_from=path.name, resumed_step=state["global_step"], passed_over=skipped)
+                if current.workers != exp.workers:
+                    _check_resumable(current, state, Path(exp.out))
+                checkpoint = str(path)
+            else:  # no checkpoint yet: from the start
+                failure.update(resumed_from=None, resumed_step=0, passed_over=[])
+                checkpoint = None
+            failure["workers_after"] = current.workers
+            if failure.get("step") is not None:
+                failure["steps_redone"] = failure["step"] - failure["resumed_step"]
+            failures.append(failure)
+            print(f"polytrain: {error}; restarting from "
+                  f"{failure['resumed_from'] or 'the start'} with {current.workers} workers "
+                  f"(restart {attempt.number + 1} of {exp.max_restarts})", file=sys.stderr)
+            attempt = Attempt(attempt.number + 1, failure.get("step"))
+    if failures or exp.faults:
+        result = dataclasses.replace(result, faults={**_fault_report(exp, failures),
+                                                     "total_wall_s": time.time() - started})
+        if exp.out is not None:
+            atomic_write_json(Path(exp.out) / "result.json", result.to_dict())
+    return result
+
+
+def _failure(exp: Experiment, error: WorkerFailed, attempt: int) -> dict:
+    """What failed in `attempt`: the lost ranks, and from the injected fault's event (if any) its kind, step
+    and how long the launcher took to notice."""
+    events = [e for e in read_events(exp.out) if e.get("event") == "fault" and e.get("attempt", 0) == attempt]
+    fault = events[-1] if events else None
+    failure = {"attempt": attempt, "error": str(error), "lost_ranks": error.lost_ranks,
+               "kind": fault["kind"] if fault else "unplanned", "step": fault["step"] if fault else None,
+               "detected_at": error.detected_at}
+    if fault is not None:
+        failure["detection_s"] = error.detected_at - fault["time"]
+    return failure
+
+
+def _fault_report(exp: Experiment, failures: list[dict]) -> dict:
+    """result.json's `faults`: the injected ones, every failure with its detection time, the time until the
+    next attempt trained again (restart_s) and until it was back at the failed step (recovery_s)."""
+    events = read_events(exp.out) if exp.out is not None else []
+    for failure in failures:
+        after = failure["attempt"] + 1
+        for name, key in (("resumed", "restart_s"), ("caught_up", "recovery_s")):
+            event = next((e for e in events if e.get("event") == name and e.get("attempt") == after), None)
+            if event is not None:
+                failure[key] = event["time"] - failure["detected_at"]
+        if failure.get("step") is not None and failure["step"] == failure["resumed_step"]:
+            failure.setdefault("recovery_s", failure.get("restart_s"))
+        del failure["detected_at"]
+    return {"injected": exp.faults, "max_restarts": exp.max_restarts, "elastic": exp.elastic,
+            "restarts": len(failures), "failures": failures}
+
+
+def at_another_world_size(stored: Experiment, workers: int) -> Experiment:
+    """A stored run's settings with what follows from the world size derived anew for `workers` ranks:
+    the mesh, the threads per rank, and local <-> allreduce (the same synchronous SGD on 1 and N workers)."""
+    strategy, strategy_args = stored.strategy, stored.strategy_args
+    if workers == 1 and strategy == "allreduce":
+        strategy, strategy_args = "local", {}
+    elif workers > 1 and strategy == "local":
+        strategy = "allreduce"
+    return stored.replace(workers=workers, mesh={}, threads=None, strategy=strategy, strategy_args=strategy_args)
 
 
 __all__ = ["train", "train_sequence", "Trainer", "TrainingDiverged", "CheckpointError", "evaluate",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -41,6 +41,7 @@ class Result:
     epochs: list[dict]
     comm: dict
     environment: dict
+    faults: dict = field(default_factory=dict)  # injected faults and every restart (polytrain.train.loop.supervise)
 
     @classmethod
     def from_history(cls, exp: Experiment, history: list[dict], *, comm: dict, steps: int, data: dict, task: Task,

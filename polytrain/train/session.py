@@ -39,6 +39,8 @@ from polytrain.launch import init_from_torchrun, under_torchrun
 from polytrain.parallel.pipeline import PipelineStage, check_partition, cut_points, module_times, pipeline_report
 from polytrain.parallel.pipeline import full_state_dict as pipeline_state_dict
 from polytrain.parallel.tensor import full_state_dict, load_full_state_dict, split_model
+from polytrain.aggregators import Combination, build_aggregator
+from polytrain.faults import Byzantine
 from polytrain.strategies import STRATEGIES, UpdatePolicy, build_policy, server_ranks
 from polytrain.strategies.averaging import sum_over
 from polytrain.train.amp import MixedPrecision
@@ -87,7 +89,9 @@ class Session:
     def __init__(self, comm: Communicator | None, *, strategy: str | None = None, strategy_args: Mapping | None = None,
                  compressor: str | None = None, compressor_args: Mapping | None = None, mesh: Mapping | None = None,
                  device: str = "cpu", amp: str = "none", grad_clip: float | None = None, seed: int = 0,
-                 tp_plan: str = "linear", chunks: int = 1, partition: str | list = "flops") -> None:
+                 tp_plan: str = "linear", chunks: int = 1, partition: str | list = "flops",
+                 aggregator: str | None = None, aggregator_args: Mapping | None = None,
+                 faults: list | None = None) -> None:
         self.device = rank_device(device, comm)
         if comm is not None:
             comm.device = self.device
@@ -105,6 +109,12 @@ class Session:
         self.grad_clip = grad_clip
         self.seed = seed
         self.tp_plan, self.chunks, self.partition = tp_plan, chunks, partition
+        self.byzantine = Byzantine.of(faults or [], seed)
+        self.combination = None
+        if aggregator is not None:  # f: the Byzantine replicas the aggregator tolerates (default 1)
+            args = {"f": 1, **(aggregator_args or {})}
+            f = args.pop("f")
+            self.combination = Combination(build_aggregator(aggregator, args, f), self.byzantine)
         self.policy: UpdatePolicy | None = None
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -145,7 +155,7 @@ class Session:
             compressor, notice = compress_for(self.compressor, self.compressor_args, optimizer, self.rank)
             if notice is not None and self.rank == 0:
                 print(f"polytrain: {notice}", file=sys.stderr)
-        self.policy = build_policy(self.strategy, self.mesh, self.strategy_args, compressor)
+        self.policy = build_policy(self.strategy, self.mesh, self.strategy_args, compressor, self.combination)
         cuts = None
         if self.mesh.shape.pp > 1:  # cut the unsplit layers (servers too, as partition "time" measures on all)
             if input_shape is None:
