@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}: expected a file written by polytrain train --out") from None
+    except OSError as error:  # a folder, a path below a file, an unreadable file
+        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror}; expected a file written by "
+                              f"polytrain train --out") from None
     header_len = len(_MAGIC) + _DIGEST_LEN + 1
     if not data.startswith(_MAGIC) or len(data) < header_len:
         raise CheckpointError(f"{path} is not a polytrain checkpoint (bad header; truncated or another format)")
@@ -110,10 +114,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if hashlib.sha256(payload).hexdigest().encode() != digest:
         raise CheckpointError(f"corrupt checkpoint {path}: checksum mismatch (truncated or modified); not loaded")
     try:
-        return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch warns of unusual pickle protocols on stderr; the error says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"cannot load checkpoint {path}: {first_line}") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: {_load_failure(error)}; not loaded") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot load checkpoint {path}: it holds a {type(state).__name__}; expected the "
+                              f"dict of a run's state")
+    return state
+
+
+def _load_failure(error: BaseException) -> str:
+    """One line of why torch.load refused a payload: weights-only loading's own reason (the unsupported global
+    or operation) rather than its advice to load the file unsafely."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].startswith("Weights only load failed"):
+        reason = next((line for line in lines[1:] if "nsupported" in line), "an object outside the allowed types")
+        return (f"it holds more than tensors, numbers, strings, lists and dicts, refused by weights-only "
+                f"loading ({reason.rstrip('.')})")
+    return lines[0]
 
 
 def rng_state() -> dict[str, Any]:
