@@ -269,9 +269,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     """Reads a TOML config file into overrides; sections such as [train] only group keys."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # TOML is UTF-8 whatever the locale
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start}); expected a TOML file") from None
     try:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
