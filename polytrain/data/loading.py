@@ -206,7 +206,7 @@ class NpyArrays(TorchDataset):
 
     def __init__(self, x_path: Path, y_path: Path) -> None:
         self.x_path, self.y_path = x_path, y_path
-        self.x, self.y = np.load(x_path, mmap_mode="r"), np.load(y_path, mmap_mode="r")
+        self.x, self.y = _load_npy(x_path), _load_npy(y_path)
         if len(self.x) != len(self.y):
             raise DataError(f"{x_path} holds {len(self.x)} samples but {y_path} {len(self.y)} targets; "
                             f"expected one target per sample")
@@ -222,6 +222,40 @@ class NpyArrays(TorchDataset):
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["x_path"], state["y_path"])
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """Memory-maps one .npy file of numbers with at least one axis, or raises a DataError naming the file."""
+    with open(path, "rb") as handle:
+        if handle.read(6) != b"\x93NUMPY":  # the .npy magic; np.load would take anything else for a pickle
+            raise DataError(f"corrupt .npy file {path}: no .npy header; expected an array saved by numpy.save")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:  # truncated, bad header, Python objects
+        raise DataError(f"corrupt .npy file {path}: {str(err).strip().splitlines()[0]}; expected an array of "
+                        f"numbers saved by numpy.save") from None
+    if array.ndim == 0:
+        raise DataError(f".npy file {path} holds a single value; expected an array with one row per sample")
+    return array
+
+
+def _check_arrays(train: NpyArrays, test: NpyArrays, task: str, num_classes: int) -> None:
+    """Train and test agree in their shapes; classification targets are labels 0..num_classes-1."""
+    for kind in ("x", "y"):
+        train_shape, test_shape = getattr(train, kind).shape[1:], getattr(test, kind).shape[1:]
+        if train_shape != test_shape:
+            raise DataError(f"{getattr(test, f'{kind}_path')} rows are {test_shape} but those of "
+                            f"{getattr(train, f'{kind}_path')} {train_shape}; expected the same shape")
+    if task != "classification":
+        return
+    for split in (train, test):
+        labels = split.y
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise DataError(f"{split.y_path} holds {labels.dtype} targets of shape {labels.shape[1:]} per sample; "
+                            f"classification expects one integer label per sample")
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+            raise DataError(f"{split.y_path} holds labels {int(labels.min())}..{int(labels.max())}; expected "
+                            f"0..{num_classes - 1} for {num_classes} classes")
 
 
 @register_loader("arrays", path_help="a folder with x_train.npy, y_train.npy, x_test.npy and y_test.npy")
@@ -244,4 +278,5 @@ def load_arrays(*, seed: int, test_fraction: float, path: str | os.PathLike, tas
     train, test = NpyArrays(files[0], files[1]), NpyArrays(files[2], files[3])
     if num_classes is None:  # classes from the labels; a regression's outputs from the targets' shape
         num_classes = int(np.max(train.y)) + 1 if task == "classification" else int(np.prod(train.y.shape[1:]))
+    _check_arrays(train, test, task, num_classes)
     return Streamed("arrays", train, test, num_classes, source=str(directory), task=task)
