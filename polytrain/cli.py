@@ -288,7 +288,21 @@ COMMANDS = {"train": command_train, "list": command_list, "demo": command_demo, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `polytrain` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    import contextlib
+    import io
+
+    usage_error = io.StringIO()  # argparse prints the usage and then its error; a mistake gets one line
+    try:
+        with contextlib.redirect_stderr(usage_error):
+            args = build_parser().parse_args(argv)
+    except SystemExit as done:
+        lines = usage_error.getvalue().strip().splitlines()
+        if done.code == 0 or not lines or ": error: " not in lines[-1]:
+            sys.stderr.write(usage_error.getvalue())
+            raise
+        prog, _, message = lines[-1].partition(": error: ")
+        print(f"polytrain: error: {message} (see {prog} --help)", file=sys.stderr)
+        return 2
     try:
         load_plugins()  # third-party models, datasets, ... by name
         return COMMANDS[args.command](args)
