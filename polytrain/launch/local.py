@@ -7,6 +7,7 @@ import os
 import pickle
 import queue
 import signal
+import socket
 import time
 import traceback
 from datetime import timedelta
@@ -21,6 +22,9 @@ from polytrain.comm import DEFAULT_TIMEOUT_S, Communicator
 # it terminates them.
 FAILURE_GRACE_S = 2.0
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Local ranks talk over loopback: gloo otherwise listens on the address the host name resolves to (the
+# caller's own GLOO_SOCKET_IFNAME wins).
+LOOPBACK_ENVIRONMENT = {"GLOO_SOCKET_IFNAME": "lo"}
 
 
 class WorkerFailed(RuntimeError):
@@ -125,15 +129,19 @@ def run_workers(fn: Callable[..., Any], world_size: int, args: tuple = (), *, th
         timeout_s: the longest any collective may wait, and the deadline for joining.
     """
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
-    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=timeout_s))
+    # The store's own server would listen on every interface whatever its host name; a socket bound to
+    # loopback keeps the rendezvous off the network (the store takes the socket over and closes it).
+    listener = socket.create_server(("127.0.0.1", 0))
+    store = dist.TCPStore("127.0.0.1", listener.getsockname()[1], world_size, is_master=True,
+                          wait_for_workers=False, timeout=timedelta(seconds=timeout_s),
+                          master_listen_fd=listener.detach())
     context = worker_context()
     results = context.Queue()
     # Not daemonic: a rank may start processes of its own (DataLoader workers); the parent still ends
     # every rank in the `finally` below.
     processes = [context.Process(target=_worker, daemon=False,
                                  args=(rank, world_size, store.port, backend or default_backend(), threads,
-                                       timeout_s, dict(os.environ), results, fn, args))
+                                       timeout_s, {**LOOPBACK_ENVIRONMENT, **os.environ}, results, fn, args))
                  for rank in range(world_size)]
     for process in processes:
         process.start()
