@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -382,3 +383,17 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
     _check(exp.rounding in ROUNDING_MODES, f"unknown rounding '{exp.rounding}'; expected {' or '.join(ROUNDING_MODES)}")
     _check(exp.timeout_s > 0, f"timeout must be positive seconds, got {exp.timeout_s}")
     _check(exp.threads >= 1, f"threads must be at least 1, got {exp.threads}")
+    _check_out(exp.out)
+
+
+def _check_out(out: str | None) -> None:
+    """--out names a folder or where one can be made: neither an existing file nor a path below one."""
+    if out is None:
+        return
+    path = Path(out)
+    blocker = next((place for place in (path, *path.parents) if place.exists()), None)
+    if blocker is None or blocker.is_dir():
+        return
+    where = "is an existing file" if blocker == path else f"is below {blocker}, an existing file"
+    raise ConfigError(f"--out {out} {where}; expected a directory (for result.json, metrics.jsonl, model.pt "
+                      f"and checkpoints)")
