@@ -19,12 +19,12 @@ def test_list_prints_every_registry(capsys):
     assert [line.split(":")[0] for line in lines] == ["models", "datasets", "tasks", "optimizers", "schedules", "step schedules",
                                                       "strategies", "allreduce algorithms",
                                                       "sparse allreduce algorithms", "compressors",
-                                                      "convolution algorithms"]
+                                                      "convolution algorithms", "aggregators"]
     assert "lenet5" in lines[0] and "mnist5k" in lines[1] and "language_model" in lines[2]
     assert "cosine" in lines[4] and "accumulate" in lines[5]
     assert "allreduce" in lines[6] and "local_sgd" in lines[6] and "diloco" in lines[6]
     assert "rabenseifner" in lines[7] and "dsar_split_allgather" in lines[8] and "powersgd" in lines[9]
-    assert "winograd2" in lines[10]
+    assert "winograd2" in lines[10] and "krum" in lines[11]
 
 
 def test_train_writes_results_and_flags_override_config(tmp_path, capsys):

@@ -70,6 +70,10 @@ class UpdatePolicy(Protocol):
     def step(self, model: nn.Module, update: Update, global_step: int) -> None:
         """Completes step `global_step` (0-based) after the schedule's backward passes: reduce, update, after."""
 
+    def behind(self, global_step: int) -> bool:
+        """Whether this replica skips step `global_step` (its batch unread by the model), because the others
+        already applied it without this replica (backup workers)."""
+
     def settle(self, model: nn.Module, update: Update, global_step: int) -> None:
         """At a synchronization point (an epoch's end, a checkpoint), after `global_step` steps: complete
         what is in flight (collective, on every rank)."""
@@ -116,6 +120,10 @@ class PolicyBase:
 
     def settle(self, model: nn.Module, update: Update, global_step: int) -> None:
         """Nothing is in flight between steps."""
+
+    def behind(self, global_step: int) -> bool:
+        """Every step is this replica's to compute."""
+        return False
 
     def finish(self, model: nn.Module) -> None:
         """The replicas already hold the final model."""

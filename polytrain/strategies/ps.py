@@ -19,6 +19,11 @@ Modes (Ben-Nun & Hoefler 2019, section 7.1):
 - `async` (Downpour SGD, Dean et al., NeurIPS 2012): the server applies each gradient on arrival; a worker
   pushes its gradients summed over `push_every` steps and fetches the parameters every `fetch_every`
   steps, computing on the parameters it last fetched in between. No bound on staleness.
+- `sync,backup=b` (backup workers, Chen et al., "Revisiting distributed synchronous SGD", 2016): a step's
+  update is applied as soon as the first n - b of the n workers' gradients of that step have arrived, scaled
+  by n / (n - b); later ones are dropped. A worker whose reply shows that the servers have moved past its
+  next step skips the steps already applied (`behind`), so a straggler costs the others nothing and rejoins
+  on fresh parameters. backup=0 is `sync`, by the same code.
 - `groups=g` (hierarchical, as in Project Adam; Chilimbi et al., OSDI 2014): the workers form g contiguous
   groups; each group's members send their gradients to its first worker, the leader, which sums them,
   talks to the servers for the group and sends the parameters back. The servers see g contributors.
@@ -77,6 +82,7 @@ class ParameterServerArgs:
         fetch_every: async: steps between two fetches of the parameters.
         groups: hierarchical: groups of workers, each talking to the servers through its leader (None:
             every worker talks to the servers itself).
+        backup: sync: a step is applied once the first n - backup workers' gradients are in.
     """
 
     servers: int = 1
@@ -85,6 +91,7 @@ class ParameterServerArgs:
     push_every: int = 1
     fetch_every: int = 1
     groups: int | None = None
+    backup: int = 0
     servers_step = True  # the servers apply the optimizer (train/defaults refuses what needs it on the workers)
     serves_stages = True  # each pipeline stage exchanges its own tensors with the servers (DistBelief)
 
@@ -106,6 +113,10 @@ class ParameterServerArgs:
                              f"every step")
         if self.groups is not None:
             _whole(self.groups, "groups", 1)
+        _whole(self.backup, "backup", 0)
+        if self.backup and (self.mode != "sync" or self.groups is not None):
+            raise ValueError(f"backup workers drop a synchronous step's last gradients; use mode=sync without groups "
+                             f"(got mode={self.mode}{', groups' if self.groups is not None else ''})")
 
     @property
     def bound(self) -> int | None:
@@ -115,6 +126,8 @@ class ParameterServerArgs:
     def check_replicas(self, replicas: int) -> None:
         if self.groups is not None and self.groups > replicas:
             raise ValueError(f"ps groups={self.groups} needs at least as many workers; the run has {replicas}")
+        if self.backup >= replicas:
+            raise ValueError(f"ps backup={self.backup} leaves no gradient of {replicas} workers; use backup < {replicas}")
 
 
 def shard_tensors(sizes: list[int], servers: int) -> list[list[int]]:
@@ -153,6 +166,7 @@ class ParameterServer(PolicyBase):
     """A parameter server's worker or server side, by this rank's place in the mesh (module docstring)."""
 
     Args = ParameterServerArgs
+    aggregates = True
 
     def __init__(self, mesh: Mesh, args: ParameterServerArgs, compressor: None = None) -> None:
         if mesh.servers != args.servers:
@@ -166,6 +180,7 @@ class ParameterServer(PolicyBase):
         self.settled_at: int | None = None
         self.since_push = self.since_fetch = 0
         self.epoch_staleness: Counter = Counter()  # a server's, since the last epoch_metrics
+        self.dropped = self.skipped = 0  # backup workers: a server's late gradients, a worker's skipped steps
         self.staleness: Counter = Counter()  # rank 0's: every server's, for the whole run
 
     @property
@@ -223,6 +238,14 @@ class ParameterServer(PolicyBase):
         return [set(t.tolist()) for t in gathered[:self.workers]]
 
     # -- the worker's side -------------------------------------------------------------------------------
+
+    def behind(self, global_step: int) -> bool:
+        """Backup workers: whether every server already applied step `global_step` without this worker (its
+        gradient came too late), so the worker skips it."""
+        if not self.args.backup or self.mesh.is_server or global_step >= min(self.versions):
+            return False
+        self.skipped += 1
+        return True
 
     def step(self, model: nn.Module, update: Update, global_step: int) -> None:
         gradients = [_gradients(tensors) for tensors in self.local]
@@ -366,19 +389,29 @@ class ParameterServer(PolicyBase):
         if self.args.bound is None:  # async: applied as it arrives
             self.apply({source: gradient}, lrs, update, [self.version - version])
             return
+        if clock < self.version:  # backup workers: the step was applied without this gradient
+            self.dropped += 1
+            return
         bucket = self.buckets.setdefault(clock, {})
         bucket[source] = (gradient, version, lrs)
         # Steps complete in order: every contributor pushes its steps in order.
-        while len(self.buckets.get(self.version, ())) == len(self.contributors):
+        needed = len(self.contributors) - self.args.backup
+        while len(self.buckets.get(self.version, ())) >= needed:
             complete = self.buckets.pop(self.version)
-            self.apply({w: complete[w][0] for w in self.contributors}, complete[self.contributors[0]][2], update,
-                       [self.version - complete[w][1] for w in self.contributors])
+            arrived = [w for w in self.contributors if w in complete]
+            scale = len(self.contributors) / len(arrived)
+            gradients = {w: complete[w][0] * scale if scale != 1 else complete[w][0] for w in arrived}
+            self.apply(gradients, complete[arrived[0]][2], update, [self.version - complete[w][1] for w in arrived])
 
     def apply(self, gradients: dict[int, torch.Tensor], lrs: list[float], update: Update,
               staleness: list[int]) -> None:
         """One optimizer step of this shard with the sum of the contributors' `gradients` (each over its
         tensors of the shard; a tensor no one sent keeps no gradient, so the optimizer leaves it), at the
-        workers' learning rates."""
+        workers' learning rates. With a robust aggregator (one server, every worker a contributor holding the
+        whole model), their combination instead."""
+        if self.combination is not None:
+            rows = torch.stack([gradients[w] for w in self.contributors]) * len(self.contributors)
+            gradients = {self.contributors[0]: self.combination.combine(rows, self.version)}
         for source, gradient in gradients.items():  # in contributor order: the sum of allreduce's groups
             tensors = [self.shard[k] for k in self.pieces[source]]
             for param, values in zip(tensors, gradient.split([p.numel() for p in tensors])):
@@ -426,31 +459,42 @@ class ParameterServer(PolicyBase):
 
     def epoch_metrics(self, model: nn.Module) -> dict:
         """The staleness of the epoch's applied gradients, gathered from the servers to rank 0."""
-        histograms = gather_objects(self.mesh.bookkeeping, dict(self.epoch_staleness))
+        gathered = gather_objects(self.mesh.bookkeeping, (dict(self.epoch_staleness), self.dropped, self.skipped))
         self.epoch_staleness = Counter()
-        if histograms is None:
+        if gathered is None:
             return {}
         epoch = Counter()
-        for histogram in histograms:
+        for histogram, _, _ in gathered:
             epoch.update(histogram)
         self.staleness.update(epoch)
-        return {"staleness_max": max(epoch, default=0), "staleness_mean": _mean(epoch)}
+        metrics = {"staleness_max": max(epoch, default=0), "staleness_mean": _mean(epoch)}
+        if self.args.backup:  # the run's totals so far
+            self.backup_counts = {"dropped_gradients": sum(d for _, d, _ in gathered),
+                                  "skipped_steps": [k for _, _, k in gathered[:self.workers]]}
+            metrics["dropped_gradients"] = self.backup_counts["dropped_gradients"]
+        return metrics
 
     def report(self) -> dict:
-        return {"mode": self.args.mode, "servers": self.args.servers, "staleness_bound": self.args.bound,
-                "push_every": self.args.push_every, "fetch_every": self.args.fetch_every,
-                "groups": len(self.leaders), "shard_bytes": self.shard_bytes,
-                "staleness": {"histogram": {str(s): n for s, n in sorted(self.staleness.items())},
-                              "max": max(self.staleness, default=0), "mean": _mean(self.staleness),
-                              "applied": sum(self.staleness.values())}}
+        section = {"mode": self.args.mode, "servers": self.args.servers, "staleness_bound": self.args.bound,
+                   "push_every": self.args.push_every, "fetch_every": self.args.fetch_every,
+                   "groups": len(self.leaders), "shard_bytes": self.shard_bytes,
+                   "staleness": {"histogram": {str(s): n for s, n in sorted(self.staleness.items())},
+                                 "max": max(self.staleness, default=0), "mean": _mean(self.staleness),
+                                 "applied": sum(self.staleness.values())}}
+        if self.combination is not None:
+            section["aggregator"] = self.combination.report()
+        if self.args.backup:
+            section["backup"] = {"workers": self.args.backup, **getattr(self, "backup_counts", {})}
+        return section
 
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """A server's shard, optimizer state and version; a worker's versions (checkpoints follow `settle`,
         so nothing is in flight); rank 0's staleness histogram of the run."""
         state = {"staleness": {str(s): n for s, n in self.staleness.items()}}
         if self.mesh.is_server:
+            aggregator = self.combination.aggregator.state_dict() if self.combination is not None else {}
             return {**state, "shard": [p.detach().clone() for p in self.shard], "optimizer": optimizer.state_dict(),
-                    "version": self.version}
+                    "version": self.version, "aggregator": aggregator}
         return {**state, "versions": list(self.versions)}
 
     def load_state_dict(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -463,6 +507,8 @@ class ParameterServer(PolicyBase):
             write_flat(self.shard, flatten(state["shard"]))
             optimizer.load_state_dict(state["optimizer"])
             self.version = int(state["version"])
+            if self.combination is not None:
+                self.combination.aggregator.load_state_dict(state.get("aggregator", {}))
         else:
             self.versions = [int(v) for v in state["versions"]]
 

@@ -259,6 +259,11 @@ def _check_faults(exp: Experiment, shape: MeshShape) -> None:
         _check(getattr(strategy_args, "sufficient_factors", "off") == "off",
                "--aggregator gathers whole gradients; sufficient factors rebuild them from activations "
                "(use sufficient_factors=off)")
+        if exp.strategy == "ps":
+            _check(strategy_args.servers == 1 and strategy_args.bound is not None and strategy_args.groups is None
+                   and not strategy_args.backup,
+                   "--aggregator with ps combines whole gradient vectors of every worker's step: use servers=1, "
+                   "mode sync or ssp, no groups and no backup workers")
         args = dict(exp.aggregator_args)
         f = args.pop("f")
         _check(_whole_number(f) and f >= 0, f"aggregator f is the number of Byzantine replicas to tolerate, a whole "

@@ -304,6 +304,10 @@ class Trainer:
             self.faults.before_step(position.global_step)
             if self.rank == 0:
                 self.attempt.reached(self.out, position.global_step)
+            if self.policy.behind(position.global_step):  # backup workers: applied without this replica
+                self.advance()
+                started = time.perf_counter()
+                continue
             lr = self.schedule.lr_at(epoch, position.step, steps)
             loss_sum = self.train_step(indices, x, y, sampler.global_batch_len(position.step), lr)
             position.totals.train_s += time.perf_counter() - started
