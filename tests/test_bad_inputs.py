@@ -202,6 +202,17 @@ FLAG_CASES = [
     case("straggler-rank", "train --straggler rank=5,slowdown=2 --workers 2",
          "straggler rank must be a rank in 0..1, got 5"),
     case("straggler-syntax", "train --straggler garbage", "--straggler 'garbage': expected key=value"),
+    case("fault-kind", "train --workers 2 --fault explode:rank=1", "unknown fault 'explode'"),
+    case("fault-rank", "train --workers 2 --fault kill:rank=5,step=1", "worker rank in 0..1; got 5"),
+    case("fault-syntax", "train --workers 2 --fault kill:rank", "--fault 'rank': expected key=value"),
+    case("fault-attack", "train --workers 5 --batch-size 60 --fault byzantine:ranks=1,attack=lie",
+         "unknown byzantine attack 'lie'"),
+    case("aggregator-name", "train --workers 4 --aggregator mode", "unknown aggregator 'mode'"),
+    case("aggregator-resilience", "train --workers 4 --aggregator krum", "krum needs n > 2f + 2 = 4 for f = 1"),
+    case("aggregator-argument", "train --workers 4 --aggregator median:beta=0.1", "aggregator median takes no argument"),
+    case("restarts-negative", "train --workers 2 --max-restarts -1", "max restarts must be a whole number >= 0"),
+    case("elastic-without-restarts", "train --workers 2 --elastic", "give --max-restarts"),
+    case("keep-checkpoints-zero", "train --keep-checkpoints 0", "keep checkpoints must be a whole number >= 1"),
 ]
 
 SPEC_CASES = [
@@ -441,14 +452,10 @@ CHECKPOINT_CASES = [
     checkpoint_case("changed-model", _unchanged, "with model='lenet5': the checkpoint was trained with model='mlp'",
                     ["--model", "lenet5"]),
     checkpoint_case("zero-more-epochs", _unchanged, "epochs must be at least 1, got 0", ["--epochs", "0"]),
-    checkpoint_case("dict-without-config", _rewrite(lambda data, _: _signed(_saved({"model": {}}))), "config",
-                    marks=pytest.mark.xfail(raises=KeyError, strict=True, reason=(
-                        "stored_experiment in polytrain/train/loop.py (do not touch) indexes ['config'] unchecked: "
-                        "a KeyError traceback"))),
+    checkpoint_case("dict-without-config", _rewrite(lambda data, _: _signed(_saved({"model": {}}))),
+                    "holds no run settings (config)"),
     checkpoint_case("config-with-unknown-key", _rewrite(lambda data, _: _signed(_saved({"config": {"bogus": 1}}))),
-                    "bogus", marks=pytest.mark.xfail(raises=TypeError, strict=True, reason=(
-                        "stored_experiment in polytrain/train/loop.py (do not touch) builds Experiment(**config) "
-                        "unchecked: a TypeError traceback"))),
+                    "settings this polytrain does not know (bogus)"),
 ]
 
 

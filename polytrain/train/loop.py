@@ -500,7 +500,16 @@ def newest_checkpoint(directory: str | Path, quarantine: bool = False) -> tuple[
 
 def stored_experiment(directory: str | Path) -> Experiment:
     """The resolved Experiment saved in the newest intact checkpoint of run directory `directory`."""
-    return Experiment(**newest_checkpoint(directory)[1]["config"])
+    path, state = newest_checkpoint(directory)
+    config = state.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds no run settings (config): it was not written by polytrain train "
+                              f"(an own loop's checkpoint is loaded with session.load)")
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(Experiment)})
+    if unknown:
+        raise CheckpointError(f"{path} holds settings this polytrain does not know ({', '.join(unknown)}); it was "
+                              f"written by another version")
+    return Experiment(**config)
 
 
 def _resume_state(exp: Experiment, resume: str | Path | None) -> tuple[Path, dict] | None:
