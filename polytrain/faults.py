@@ -55,20 +55,21 @@ def parse_fault(spec: str) -> dict:
     return {"kind": kind, **args}
 
 
-def _whole(value: Any) -> bool:
+def is_whole(value: Any) -> bool:
+    """An int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def byzantine_ranks(value: Any) -> tuple[int, ...]:
     """`ranks=1`, `ranks=1+3` or a TOML list [1, 3] as a sorted tuple; ValueError in one line otherwise."""
-    if _whole(value):
+    if is_whole(value):
         items = [value]
     elif isinstance(value, str) and value:
         try:
             items = [int(part) for part in value.split("+")]
         except ValueError:
             items = None
-    elif isinstance(value, list) and value and all(_whole(v) for v in value):
+    elif isinstance(value, list) and value and all(is_whole(v) for v in value):
         items = value
     else:
         items = None
@@ -94,9 +95,9 @@ def check_faults(faults: list, workers: int, replicas: int) -> None:
             raise ValueError(f"fault {kind} {what}; expected {kind}{':' + usage if usage else ''}")
         if kind in ("kill", "hang", "slow"):
             rank = fault["rank"]
-            if not _whole(rank) or not 0 <= rank < workers:
+            if not is_whole(rank) or not 0 <= rank < workers:
                 raise ValueError(f"fault {kind} rank must be a worker rank in 0..{workers - 1}; got {rank!r}")
-        if kind in ("kill", "hang") and not (_whole(fault["step"]) and fault["step"] >= 0):
+        if kind in ("kill", "hang") and not (is_whole(fault["step"]) and fault["step"] >= 0):
             raise ValueError(f"fault {kind} step must be a global step >= 0; got {fault['step']!r}")
         if kind == "slow" and (isinstance(fault["factor"], bool) or not isinstance(fault["factor"], (int, float))
                                or fault["factor"] < 1):

@@ -17,7 +17,7 @@ from polytrain.comm.mesh import MeshShape
 from polytrain.compress import check_compressor
 from polytrain.config import ConfigError, Experiment
 from polytrain.data import DATASETS
-from polytrain.faults import Byzantine, check_faults
+from polytrain.faults import Byzantine, check_faults, is_whole
 from polytrain.models import MODELS
 from polytrain.ops.precision import ROUNDING_MODES, parse_format
 from polytrain.plugins import load_plugins
@@ -266,7 +266,7 @@ def _check_faults(exp: Experiment, shape: MeshShape) -> None:
                    "mode sync or ssp, no groups and no backup workers")
         args = dict(exp.aggregator_args)
         f = args.pop("f")
-        _check(_whole_number(f) and f >= 0, f"aggregator f is the number of Byzantine replicas to tolerate, a whole "
+        _check(is_whole(f) and f >= 0, f"aggregator f is the number of Byzantine replicas to tolerate, a whole "
                                             f"number >= 0; got {f!r}")
         try:
             check_resilience(exp.aggregator, args, shape.dp, f)
@@ -278,9 +278,9 @@ def _check_faults(exp: Experiment, shape: MeshShape) -> None:
     if byzantine is not None and byzantine.attack == "labelflip":
         _check(TASKS.get(exp.task).metric == ACCURACY, f"byzantine attack labelflip flips class labels; task "
                                                       f"{exp.task} has none")
-    _check(_whole_number(exp.max_restarts) and exp.max_restarts >= 0,
+    _check(is_whole(exp.max_restarts) and exp.max_restarts >= 0,
            f"max restarts must be a whole number >= 0, got {exp.max_restarts!r}")
-    _check(_whole_number(exp.keep_checkpoints) and exp.keep_checkpoints >= 1,
+    _check(is_whole(exp.keep_checkpoints) and exp.keep_checkpoints >= 1,
            f"keep checkpoints must be a whole number >= 1, got {exp.keep_checkpoints!r}")
     if exp.max_restarts:
         _check(exp.out is not None, "--max-restarts restarts from the run's checkpoints; give --out DIR")
@@ -290,10 +290,6 @@ def _check_faults(exp: Experiment, shape: MeshShape) -> None:
                f"--elastic continues with fewer replicas, which needs synchronous data parallelism without per-rank "
                f"state (allreduce over dp, no compressor); got strategy {exp.strategy}, mesh {shape.describe()}"
                f"{', compressor ' + exp.compressor if exp.compressor else ''}")
-
-
-def _whole_number(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(condition: bool, message: str) -> None:
