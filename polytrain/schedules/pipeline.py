@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.func import functional_call
@@ -264,11 +264,18 @@ class Interleaved(_Pipelined):
         return actions
 
 
-def simulate(schedule, num_microbatches: int, stages: int, chunks: int = 1, forward_s: float = 1.0,
-             backward_s: float = 2.0, steps: int = 1) -> dict:
+def _per_stage(value: float | Sequence[float], stage: int, chunks: int) -> float:
+    return value[stage] if isinstance(value, (list, tuple)) else value / chunks
+
+
+def simulate(schedule, num_microbatches: int, stages: int, chunks: int = 1,
+             forward_s: float | Sequence[float] = 1.0, backward_s: float | Sequence[float] = 2.0, steps: int = 1,
+             message_s: float | Sequence[float] = 0.0) -> dict:
     """Runs `schedule`'s action lists for every rank against each other as the runtime does, with every
-    (virtual) stage's forward taking `forward_s` / chunks and its backward `backward_s` / chunks and messages
-    taking no time, for `steps` steps.
+    (virtual) stage's forward taking `forward_s` / chunks and its backward `backward_s` / chunks (or, given
+    lists, `forward_s[s]` and `backward_s[s]` for virtual stage s) and a message across the boundary after
+    virtual stage s taking `message_s` (or `message_s[s]`) seconds from its send to its arrival, for
+    `steps` steps (the performance model's pipelines, polytrain.perf.predict).
 
     As in run_pipeline: sends are posted, receives wait; messages between two ranks are matched in order per
     tag; a send completes when its receive is posted (gloo hands a message over to a posted receive) and a
@@ -337,9 +344,10 @@ def simulate(schedule, num_microbatches: int, stages: int, chunks: int = 1, forw
                                          f"stage {action.stage} of batch {owner} and receives {microbatch} of stage "
                                          f"{stage} of batch {batch}")
                     taken[0] = clocks[rank]  # the receive is posted now: the send completes
-                    clocks[rank] = max(clocks[rank], sent)
+                    boundary = action.stage - 1 if ahead else action.stage
+                    clocks[rank] = max(clocks[rank], sent + _per_stage(message_s, boundary, 1))
                 else:
-                    seconds = (forward_s if action.op == "forward" else backward_s) / chunks
+                    seconds = _per_stage(forward_s if action.op == "forward" else backward_s, action.stage, chunks)
                     clocks[rank] += seconds
                     busy[rank] += seconds
                     step_busy[rank][step] += seconds
