@@ -74,6 +74,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any setting (repeatable); KEY.SUB=VALUE sets one entry of a table")
     parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
+    parser.add_argument("--plan", default=None, metavar="FILE",
+                        help="run a plan written by polytrain plan (its settings come before the flags)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +100,42 @@ def build_parser() -> argparse.ArgumentParser:
                           help="weight of the soft targets' term in the student's loss (default 0.5)")
     ensemble.add_argument("--student-model", default=None, help="the student's model (default: the members')")
     ensemble.add_argument("--no-distill", action="store_true", help="train and judge the members only")
+    _add_perf_parsers(commands)
     add_run_parser(commands)
     return parser
+
+
+def _add_perf_parsers(commands) -> None:
+    calibrate = commands.add_parser("calibrate", help="measure this machine for the performance model (compute, "
+                                                      "collectives, overlap) and store its profile")
+    calibrate.add_argument("--ranks", default="1,2,4", help="ranks sharing the machine to calibrate (default 1,2,4)")
+    calibrate.add_argument("--models", default="lenet5,mlp,resnet20", help="models whose modules are timed")
+    calibrate.add_argument("--batches", default="16,64,256", help="batches per rank the modules are timed at")
+    calibrate.add_argument("--bandwidths", default="none",
+                           help="none and/or emulated-cluster rates (1gbit,100mbit; needs root) for the collectives")
+    calibrate.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (default 5)")
+    calibrate.add_argument("--quick", action="store_true", help="ranks 1,2, models lenet5,mlp, 2 batches, 3 repeats")
+    calibrate.add_argument("--profile", default=None, help="where to store it (default $POLYTRAIN_PROFILE or "
+                                                           "~/.cache/polytrain/profile.json)")
+    for name, text in (("predict", "predict a run's step time (compute, exposed communication, bubble, overhead), "
+                                   "bytes and memory per rank"),
+                       ("plan", "rank the ways to run a model on a cluster by predicted step time")):
+        parser = commands.add_parser(name, help=text)
+        _add_train_flags(parser)
+        parser.add_argument("--cluster", default="local", help="local[:BANDWIDTH] (calibrated), a published profile "
+                                                               "(--cluster list), FILE.json/.toml or key=value,...")
+        parser.add_argument("--profile", default=None, help="calibration profile (default: polytrain calibrate's)")
+        parser.add_argument("--json", action="store_true", help="print JSON")
+    predict = commands.choices["predict"]
+    predict.add_argument("--noise", type=float, default=0.0,
+                         help="simulate every rank's compute with lognormal noise of this sigma")
+    predict.add_argument("--steps", type=int, default=20, help="steps simulated when ranks are not alike")
+    plan = commands.choices["plan"]
+    plan.add_argument("--memory-per-rank", default=None, help="memory limit per rank, e.g. 2GB or 512MB")
+    plan.add_argument("--top", type=int, default=5, help="candidates shown (default 5)")
+    plan.add_argument("--approximate", action="store_true",
+                      help="also candidates that change the optimisation (compression, local SGD, async, gossip)")
+    plan.add_argument("--write", default=None, metavar="FILE.toml", help="write the first choice as a plan file")
 
 
 def _add_bench_parsers(bench: argparse.ArgumentParser) -> None:
@@ -135,6 +171,8 @@ def _add_bench_parsers(bench: argparse.ArgumentParser) -> None:
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Settings from --config, then the flags given, then --set (later ones win)."""
     overrides: dict[str, Any] = load_toml(args.config) if args.config else {}
+    if getattr(args, "plan", None):
+        overrides.update(load_toml(args.plan))
     overrides.update({name: getattr(args, name) for name in _FIELD_FLAGS if getattr(args, name) is not None})
     if args.strategy is not None:
         overrides["strategy"], overrides["strategy_args"] = parse_named(args.strategy, "--strategy")
@@ -282,8 +320,129 @@ def command_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_calibrate(args: argparse.Namespace) -> int:
+    from polytrain.perf.calibrate import QUICK, calibrate
+
+    def numbers(text: str, what: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"--{what} takes whole numbers separated by commas; got {text!r}") from None
+        if not values or min(values) < 1:
+            raise ValueError(f"--{what} takes whole numbers >= 1; got {text!r}")
+        return values
+
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1; got {args.repeats}")
+    settings = {"ranks": numbers(args.ranks, "ranks"), "models": [m for m in args.models.split(",") if m],
+                "batches": numbers(args.batches, "batches"), "repeats": args.repeats}
+    for model in settings["models"]:
+        MODELS.get(model)
+    if args.quick:
+        settings.update(QUICK)
+    bandwidths = [b for b in args.bandwidths.split(",") if b]
+    profile = calibrate(bandwidths=bandwidths, path=args.profile, **settings)
+    data = profile.data
+    print(f"profile written to {profile.path} in {data['calibration_s']:.0f} s: compute at "
+          f"{', '.join(data['compute']['fits'])} rank(s), links at {', '.join(data['links'])}, "
+          f"overlap {data['overlap']['none']:.2f}, in-step communication x{data['comm_scale']['none']:.2f}")
+    return 0
+
+
+def _predict_setup(args: argparse.Namespace):
+    from polytrain.perf.cluster import describe_clusters, parse_cluster
+    from polytrain.perf.predict import _servers
+    from polytrain.train.defaults import resolve
+
+    if args.cluster == "list":
+        print("\n".join(describe_clusters()))
+        return None
+    exp = resolve(apply_overrides(Experiment(), overrides_from_args(args)))
+    return exp, parse_cluster(args.cluster, args.profile, ranks=exp.workers + _servers(exp))
+
+
+def command_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from polytrain.perf.simulate import simulate
+
+    setup = _predict_setup(args)
+    if setup is None:
+        return 0
+    exp, cluster = setup
+    if args.steps < 1 or args.noise < 0:
+        raise ValueError(f"--steps must be >= 1 and --noise >= 0; got {args.steps} and {args.noise}")
+    simulated = simulate(exp, cluster, steps=args.steps, noise=args.noise)
+    p = simulated.prediction
+    if args.json:
+        print(json.dumps(simulated.to_dict(), indent=1))
+        return 0
+    print(f"{exp.model} on {cluster.name}, {exp.strategy} over mesh {p.mesh}, batch {exp.batch_size}:")
+    print(f"  step {1e3 * simulated.step_s:.3f} ms" + (f" (simulated over {simulated.ranks} ranks; the ranks "
+                                                         f"alike: {1e3 * p.step_s:.3f} ms)" if simulated.groups > 1 else ""))
+    print(f"  = {p.split}")
+    print(f"  bytes sent per rank and step {p.bytes_sent_per_rank:,.0f}; memory per rank "
+          f"{p.memory_per_rank_bytes / 2**20:.1f} MiB; compute from {p.compute_source}")
+    for note in p.notes:
+        print(f"  {note}")
+    return 0
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from polytrain.perf.plan import rank_candidates, write_plan
+
+    setup = _predict_setup(args)
+    if setup is None:
+        return 0
+    exp, cluster = setup
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1; got {args.top}")
+    limit = parse_memory(args.memory_per_rank) if args.memory_per_rank else None
+    ranked, dropped = rank_candidates(exp, cluster, exp.workers, limit, args.approximate)
+    if not ranked:
+        raise ValueError(f"no candidate fits: {'; '.join(f'{c.label}: {why}' for c, why in dropped[:3])}")
+    if args.json:
+        print(json.dumps([{"label": r.candidate.label, "settings": r.candidate.settings, "exact": r.candidate.exact,
+                           "prediction": r.prediction.to_dict()} for r in ranked[:args.top]], indent=1))
+    else:
+        print(f"{exp.model} on {cluster.name}, {exp.workers} ranks, batch {exp.batch_size}: {len(ranked)} candidates "
+              f"fit, {len(dropped)} dropped" + (f" (memory limit {args.memory_per_rank})" if limit else ""))
+        for i, r in enumerate(ranked[:args.top], 1):
+            p = r.prediction
+            mark = "" if r.candidate.exact else "  [changes the optimisation]"
+            print(f"{i}. {r.candidate.label}: {1e3 * p.step_s:.3f} ms ({p.split}); "
+                  f"{p.memory_per_rank_bytes / 2**20:.1f} MiB per rank{mark}")
+    if args.write:
+        print(f"plan written to {write_plan(args.write, exp, ranked[0], cluster)}; run it with "
+              f"polytrain train --plan {args.write}")
+    return 0
+
+
+MEMORY_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_memory(text: str) -> float:
+    """`2GB`, `512MiB`, `1e9` -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in MEMORY_UNITS and unit:
+        raise ValueError(f"--memory-per-rank {text!r}: expected a size like 2GB, 512MiB or 1e9")
+    try:
+        value = float(match.group(1)) * MEMORY_UNITS.get(unit, 1)
+    except ValueError:
+        raise ValueError(f"--memory-per-rank {text!r}: expected a size like 2GB, 512MiB or 1e9") from None
+    if value <= 0:
+        raise ValueError(f"--memory-per-rank must be positive; got {text!r}")
+    return value
+
+
 COMMANDS = {"train": command_train, "list": command_list, "demo": command_demo, "bench": command_bench,
-            "cost": command_cost, "cluster": command_cluster, "run": command_run, "ensemble": command_ensemble}
+            "cost": command_cost, "cluster": command_cluster, "run": command_run, "ensemble": command_ensemble,
+            "calibrate": command_calibrate, "predict": command_predict, "plan": command_plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -198,6 +198,7 @@ class EmulatedCluster:
             raise ValueError(f"subnet {subnet} has {len(addresses)} host addresses, too few for {hosts} hosts")
         self.hosts = hosts
         self.bandwidth_bits_per_s = parse_bandwidth(bandwidth)
+        self.bandwidth_name = str(bandwidth or "none").lower()  # the calibration profile's key for these links
         self.burst_bytes = burst_bytes
         self.latency_ms = latency_ms
         self.addresses = [str(address) for address in addresses]
@@ -295,7 +296,8 @@ class EmulatedCluster:
         return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **(env or {}),
                 "RANK": str(host), "WORLD_SIZE": str(self.hosts), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                 "MASTER_ADDR": self.addresses[0], "MASTER_PORT": str(MASTER_PORT),
-                "GLOO_SOCKET_IFNAME": HOST_INTERFACE, NETWORK_VARIABLE: self.describe()}
+                "GLOO_SOCKET_IFNAME": HOST_INTERFACE, NETWORK_VARIABLE: self.describe(),
+                "POLYTRAIN_BANDWIDTH": self.bandwidth_name}
 
     def describe(self) -> str:
         """The network in words, recorded in every result's environment manifest."""

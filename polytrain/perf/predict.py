@@ -146,6 +146,37 @@ def run_workload(exp: Experiment) -> Workload:
     return workload(exp.model, shape, classes, exp.model_args)
 
 
+def measured_step_s(history: list[dict]) -> float | None:
+    """A run's measured step: the median over the epochs after the first (which warms up) of train_s / steps."""
+    import statistics
+
+    rated = [row for row in (history[1:] or history) if row.get("steps")]
+    return statistics.median(row["train_s"] / row["steps"] for row in rated) if rated else None
+
+
+def beside_measured(exp: Experiment, history: list[dict]) -> dict:
+    """result.json's `performance`: the predicted step on this machine's calibration profile beside the
+    measured one (bandwidth from POLYTRAIN_BANDWIDTH, set on the emulated cluster's hosts), or why there is
+    no prediction. Never raises: a prediction must not cost a finished run its result."""
+    import os
+
+    from polytrain.perf.profile import default_profile_path, load_profile
+
+    path = default_profile_path()
+    measured = measured_step_s(history)
+    if not path.is_file():
+        return {"predicted_step_s": None, "measured_step_s": measured,
+                "why": f"no calibration profile at {path} (polytrain calibrate)"}
+    try:
+        bandwidth = os.environ.get("POLYTRAIN_BANDWIDTH", "none")
+        prediction = predict(exp, load_profile(path).cluster(bandwidth, exp.workers + _servers(exp)))
+    except Exception as error:  # noqa: BLE001 - recorded, never fatal
+        return {"predicted_step_s": None, "measured_step_s": measured, "why": f"{type(error).__name__}: {error}"}
+    error = (prediction.step_s - measured) / measured if measured else None
+    return {"predicted_step_s": prediction.step_s, "measured_step_s": measured, "relative_error": error,
+            "bandwidth": bandwidth, "profile": str(path), "prediction": prediction.to_dict()}
+
+
 def _servers(exp: Experiment) -> int:
     if exp.strategy in ("ps", "easgd"):
         return int(exp.strategy_args.get("servers", 1 if exp.strategy == "ps" else 0))
@@ -401,10 +432,10 @@ def adpsgd(ctx: Context) -> Parts:
 # -- parameter servers -----------------------------------------------------------------------------------
 
 
-def shard_bytes(ctx: Context, servers: int) -> list[int]:
+def shard_bytes(wl: Workload, servers: int) -> list[int]:
     """Bytes of each server's shard: whole tensors, largest first onto the least loaded (as ps does)."""
     loads = [0] * servers
-    for size in sorted((FLOAT_BYTES * math.prod(shape) for _, shape, _ in ctx.workload.parameters), reverse=True):
+    for size in sorted((FLOAT_BYTES * math.prod(shape) for _, shape, _ in wl.parameters), reverse=True):
         loads[loads.index(min(loads))] += size
     return loads
 
@@ -415,7 +446,7 @@ def parameter_server(ctx: Context) -> Parts:
 
     args = ParameterServerArgs(**ctx.args)
     size = ctx.gradient_bytes()
-    heaviest = max(shard_bytes(ctx, args.servers))
+    heaviest = max(shard_bytes(ctx.workload, args.servers))
     contributors = args.groups or ctx.dp
     link = ctx.cluster.p2p_link(ctx.dp + args.servers)
     beta = link.beta_s_per_byte

@@ -457,6 +457,10 @@ class Trainer:
                                      steps=self.position.global_step, data=self.data.describe(), task=self.task,
                                      environment=environment(self.exp.seed))
         model_state = self.session.model_state_dict()  # collective with tp
+        if self.rank == 0:
+            from polytrain.perf.predict import beside_measured
+
+            result = dataclasses.replace(result, performance=beside_measured(self.exp, self.position.history))
         if self.out is not None and self.rank == 0:
             buffer = io.BytesIO()
             torch.save(model_state, buffer)
