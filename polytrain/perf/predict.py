@@ -488,7 +488,8 @@ def parameter_server(ctx: Context) -> Parts:
 
 def _tensor_parallel(ctx: Context, parts: Parts) -> None:
     """Megatron pairs: one allreduce of the row layer's output in forward and one of the column layer's input
-    gradient in backward, per microbatch, over the tp ranks (not hidden: the next layer needs them)."""
+    gradient in backward (where there is one), per microbatch, over the tp ranks (not hidden: the next
+    layer needs them)."""
     tp = ctx.shape.tp
     if tp < 2:
         return
@@ -502,7 +503,11 @@ def _tensor_parallel(ctx: Context, parts: Parts) -> None:
     for pair in plan(model, ctx.exp.tp_plan):
         column, row = wl.block_index(pair.column), wl.block_index(pair.row)
         inputs = wl.blocks[column - 1].output_elements if column > 0 else wl.input_elements
-        for elements in (wl.blocks[row].output_elements, inputs):
+        # The input gradient is reduced only where autograd computes one: after a layer with parameters.
+        needs_grad = any(block.params for block in wl.blocks[:column])
+        for elements in (wl.blocks[row].output_elements, inputs if needs_grad else 0):
+            if not elements:
+                continue
             n_bytes = FLOAT_BYTES * elements * ctx.microbatch
             seconds += ctx.cluster.allreduce_s("native", n_bytes, tp)
             sent += ALLREDUCE_ALGORITHMS.get("native").bytes_sent(int(n_bytes), tp, 0, FLOAT_BYTES)

@@ -92,16 +92,18 @@ def simulate(exp: Experiment, cluster: Cluster, steps: int = 20, slowdowns: dict
 
 
 def _bounded(compute: np.ndarray, rest: float, staleness: int) -> np.ndarray:
-    """End times (steps, ranks) when step t of a rank may start only once every rank has finished step
-    t - 1 - staleness (0: bulk-synchronous)."""
+    """End times (steps, ranks). Bulk-synchronous (staleness 0): step t ends on every rank when the slowest
+    has computed it, plus the step's communication and overhead. Stale-synchronous: a rank starts step t
+    once every rank has finished step t - 1 - staleness."""
     steps, ranks = compute.shape
     finish = np.zeros((steps, ranks))
     done = np.zeros(ranks)
     for t in range(steps):
-        gate = finish[t - 1 - staleness].max() if t - 1 - staleness >= 0 else 0.0
-        if staleness == 0 and t > 0:
-            gate = finish[t - 1].max()
-        done = np.maximum(done, gate) + compute[t] + rest
+        if staleness == 0:
+            done = np.full(ranks, (done + compute[t]).max() + rest)
+        else:
+            gate = finish[t - 1 - staleness].max() if t - 1 - staleness >= 0 else 0.0
+            done = np.maximum(done, gate) + compute[t] + rest
         finish[t] = done
     return finish
 
