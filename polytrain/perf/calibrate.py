@@ -45,7 +45,7 @@ UPDATE_SIZES = (1 << 16, 1 << 21)
 OVERHEAD_BATCHES = (32, 128)  # per-rank batches of the runs without communication
 CALIBRATION_EPOCHS = 4
 OVERHEAD_MODELS = ("lenet5", "mlp")  # calibration models that run on mnist5k (its samples are theirs)
-COLLECTIVE_SIZES = "4^5..4^11"  # 1 KiB .. 4 MiB
+COLLECTIVE_SIZES = "4^5..4^10"  # 1 KiB .. 1 MiB
 QUICK = {"models": ("lenet5", "mlp"), "batches": (16, 128), "repeats": 3, "ranks": (1, 2)}
 
 
@@ -68,14 +68,15 @@ def _module_times(model: torch.nn.Module, input_shape: tuple[int, ...], batch: i
     for module in modules:
         inputs = value.detach().requires_grad_()
 
+        # A fresh copy per call: in-place modules (ReLU(inplace=True)) may not write into a leaf.
         def forward():
-            return module(inputs)
+            return module(inputs.clone())
 
         output = forward()
         grad = torch.ones_like(output)
 
         def backward():
-            out = module(inputs)
+            out = module(inputs.clone())
             started = time.perf_counter()
             out.backward(grad)
             return time.perf_counter() - started
