@@ -42,7 +42,7 @@ CALIBRATION_COMPRESSORS = ("fp16", "topk", "randomk", "qsgd", "signsgd", "powers
                            "kbit", "threshold", "dgc", "efsignsgd")
 COMPRESSION_SIZES = (1 << 16, 1 << 20)  # elements
 UPDATE_SIZES = (1 << 16, 1 << 21)
-OVERHEAD_BATCHES = (32, 128)  # per-rank batches of the runs without communication
+OVERHEAD_BATCHES = (32, 128, 256)  # per-rank batches of the runs without communication
 CALIBRATION_EPOCHS = 4
 OVERHEAD_MODELS = ("lenet5", "mlp")  # calibration models that run on mnist5k (its samples are theirs)
 COLLECTIVE_SIZES = "4^5..4^10"  # 1 KiB .. 1 MiB
@@ -224,7 +224,7 @@ def _calibration_run(workers: int, batch: int, strategy: str, args: dict | None 
 
 def measure_overhead(profile: Profile, ranks: int, models: Sequence[str]) -> tuple[list[float], list[dict]]:
     """What a real step without communication (`local`, or `local_sgd` that never averages) takes beyond
-    the modules' and the optimizer's predicted times, for each calibration model at two batches per rank:
+    the modules' and the optimizer's predicted times, for each calibration model at each of OVERHEAD_BATCHES per rank:
     the rows kept per model, and intercept + slope per input byte of the rank's batch for other models."""
     from polytrain.perf.predict import predict, run_workload
 

@@ -344,10 +344,9 @@ def allreduce(ctx: Context) -> Parts:
         transfers = [ctx.cluster.allgather_s(ctx.gradient_bytes(), ctx.dp)]
         readies, parts.bytes_sent = [ctx.compute_s], (ctx.dp - 1) * ctx.gradient_bytes()
     parts.comm_s = sum(transfers)
+    # Buckets (compressed ones too) start as backward produces them; an aggregator waits for the whole.
     parts.exposed_comm_s = overlap_timeline(readies, transfers, ctx.compute_s, ctx.cluster.overlap,
-                                            args.overlap and compressor is None and not ctx.exp.aggregator)
-    if compressor is not None and args.overlap:  # compressed buckets also start as backward produces them
-        parts.exposed_comm_s = overlap_timeline(readies, transfers, ctx.compute_s, ctx.cluster.overlap, True)
+                                            args.overlap and not ctx.exp.aggregator)
     parts.notes.append(f"{len(cuts)} bucket(s) of <= {args.bucket_mb:g} MiB, {args.algorithm}")
     return parts
 

@@ -25,6 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from polytrain.perf.cluster import OPTIMIZER_PASSES, Cluster, Link
 
 PROFILE_VERSION = 1
@@ -38,6 +40,14 @@ def _nearest(table: dict, ranks: int) -> tuple[int, object]:
     """The entry of the nearest calibrated rank count (ties: the larger) and that count."""
     known = min(table, key=lambda key: (abs(int(key) - ranks), -int(key)))
     return int(known), table[known]
+
+
+def _interpolate(points: list[tuple[int, np.ndarray]], batch: int) -> np.ndarray:
+    """Piecewise linear in the batch through (batch, values) points sorted by batch; outside them, the
+    nearest segment continued."""
+    right = next((i for i, (b, _) in enumerate(points) if b > batch), len(points) - 1)
+    (b0, v0), (b1, v1) = points[max(0, right - 1)], points[max(1, right)]
+    return v0 + (v1 - v0) * (batch - b0) / (b1 - b0)
 
 
 @dataclass
@@ -68,13 +78,8 @@ class CalibratedCompute:
         if len(points) == 1:  # one batch: proportional in the batch
             (b0, blocks), = points
             return [(scale * f * batch / b0, scale * g * batch / b0) for f, g in blocks]
-        lower = max((p for p in points if p[0] <= batch), default=points[0], key=lambda p: p[0])
-        upper = min((p for p in points if p[0] > batch), default=points[-1], key=lambda p: p[0])
-        if lower[0] == upper[0]:
-            lower, upper = points[-2], points[-1]
-        w = (batch - lower[0]) / (upper[0] - lower[0])
-        return [(scale * max(0.0, (1 - w) * f0 + w * f1), scale * max(0.0, (1 - w) * g0 + w * g1))
-                for (f0, g0), (f1, g1) in zip(lower[1], upper[1])]
+        times = _interpolate([(b, np.asarray(blocks, dtype=float)) for b, blocks in points], batch)
+        return [(scale * max(0.0, f), scale * max(0.0, g)) for f, g in times]
 
     def block_times(self, workload, batch: int, ranks_sharing: int) -> list[tuple[float, float]]:
         measured = self._measured(workload, batch, ranks_sharing)
@@ -106,8 +111,7 @@ class CalibratedCompute:
             scale = self._scale(calibrated, ranks_sharing)
             if len(points) == 1:
                 return scale * points[0][1]
-            (b0, s0), (b1, s1) = points[0], points[-1]
-            return scale * (s0 + (s1 - s0) * (batch - b0) / (b1 - b0))
+            return scale * float(_interpolate([(b, np.asarray(seconds)) for b, seconds in points], batch))
         calibrated, (intercept, per_byte) = _nearest(self.profile.data["compute"]["overhead"], ranks_sharing)
         return self._scale(calibrated, ranks_sharing) * (intercept + per_byte * 4 * batch * workload.input_elements)
 
