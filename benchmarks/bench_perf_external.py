@@ -23,7 +23,7 @@ never per data point; the comments there and below say where every number comes 
 
 Every table gives the published number, the predicted one, the relative error (predicted - published) /
 published and whether it is within the tolerance that TOLERANCES states before anything is compared.
-Misses are reported, not tuned away: benchmarks/perf_external.md says why each one misses.
+Misses are reported, not tuned away: BENCHMARKS.md (performance model, external checks) says why each misses.
 
 Usage:
 

@@ -345,7 +345,8 @@ def command_calibrate(args: argparse.Namespace) -> int:
     data = profile.data
     print(f"profile written to {profile.path} in {data['calibration_s']:.0f} s: compute at "
           f"{', '.join(data['compute']['fits'])} rank(s), links at {', '.join(data['links'])}, "
-          f"overlap {data['overlap']['none']:.2f}, in-step communication x{data['comm_scale']['none']:.2f}")
+          f"overlap {data['overlap']['none']:.2f}, in-step communication x{data['comm_scale']['none']['native']:.2f} "
+          f"(native), x{data['comm_scale']['none']['p2p']:.2f} (point to point)")
     return 0
 
 

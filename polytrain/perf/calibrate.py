@@ -7,14 +7,17 @@ What it measures (polytrain.perf.profile describes the stored form):
    of every top-level module of the calibration models at each batch, the optimizer step over parameter
    vectors of two sizes, and compress + decompress of every compressor at two sizes; the modules' times
    are kept per model and fitted (seconds = a FLOPs + b bytes + c) for any other model;
-2. the rest of a step (data, zeroing gradients, the loop): two short real runs per R without communication
-   (`local`; on several ranks
-   `local_sgd` that never averages), their measured step minus the modules' and the optimizer's times;
+2. the rest of a step (data, zeroing gradients, the loop): short real runs per R without communication
+   (`local`; on several ranks `local_sgd` that never averages) at each of OVERHEAD_BATCHES per rank,
+   their measured step minus the modules' and the optimizer's times;
 3. alpha, beta and gamma of every allreduce algorithm per world size (the collectives benchmark's fit), on
    loopback and, with `--bandwidths`, on the emulated cluster at each bandwidth (needs root);
-4. communication inside a training step: a real 2-rank allreduce run without overlap scales the benchmark's
-   alpha and beta to what a step sees (the ranks' compute threads share the cores with the transfers), and
-   one with overlap is placed between the predictions with no overlap and with perfect overlap.
+4. communication inside a training step, at each bandwidth: real 2-rank allreduce runs of the MLP without
+   overlap (gloo's allreduce, and polytrain's ring for every point-to-point path) scale the benchmark's
+   alpha and beta to what a step sees (on loopback the ranks' compute
+   threads share the cores with the transfers; on an emulated link the benchmark's messages, up to 1 MiB,
+   partly pass in tbf's bucket above the rate, a step's larger buckets do not), and one with overlap is
+   placed between the predictions with no overlap and with perfect overlap.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ UPDATE_SIZES = (1 << 16, 1 << 21)
 OVERHEAD_BATCHES = (32, 128, 256)  # per-rank batches of the runs without communication
 CALIBRATION_EPOCHS = 4
 OVERHEAD_MODELS = ("lenet5", "mlp")  # calibration models that run on mnist5k (its samples are theirs)
-COLLECTIVE_SIZES = "4^5..4^10"  # 1 KiB .. 1 MiB
+COLLECTIVE_SIZES = "4^5..4^11"  # 1 KiB .. 4 MiB: past tbf's bucket at 1 Gbit/s
 QUICK = {"models": ("lenet5", "mlp"), "batches": (16, 128), "repeats": 3, "ranks": (1, 2)}
 
 
@@ -208,18 +211,30 @@ def measure_compute(ranks: int, models: Sequence[str], batches: Sequence[int], r
             "compression": {name: _line(rows) for name, rows in merged["compression"].items()}}
 
 
-def _step_s(result) -> float:
+def _step_s(epochs: list[dict]) -> float:
     """The median step of the epochs after the first (which pays for warming up)."""
-    return statistics.median(epoch["train_s"] / epoch["steps"] for epoch in result.epochs[1:])
+    return statistics.median(epoch["train_s"] / epoch["steps"] for epoch in epochs[1:])
 
 
-def _calibration_run(workers: int, batch: int, strategy: str, args: dict | None = None, model: str = "mlp"):
+def _calibration_run(workers: int, batch: int, strategy: str, args: dict | None = None, model: str = "mlp",
+                     bandwidth: str = "none") -> tuple:
+    """(the experiment, its epochs) of a short real run: local worker processes on loopback, otherwise
+    `polytrain train` on `workers` emulated hosts at `bandwidth` (one `polytrain cluster` start)."""
     from polytrain.config import Experiment
     from polytrain.train import train
 
-    exp = Experiment(model=model, dataset="mnist5k", workers=workers, epochs=CALIBRATION_EPOCHS, batch_size=batch, strategy=strategy,
-                     strategy_args=args or {}, seed=0, augment_shift=0)
-    return exp, train(exp)
+    exp = Experiment(model=model, dataset="mnist5k", workers=workers, epochs=CALIBRATION_EPOCHS, batch_size=batch,
+                     strategy=strategy, strategy_args=args or {}, seed=0, augment_shift=0)
+    if bandwidth == "none":
+        return exp, train(exp).epochs
+    spec = ":".join([strategy] + [",".join(f"{k}={str(v).lower()}" for k, v in (args or {}).items())] * bool(args))
+    with tempfile.TemporaryDirectory() as scratch:
+        subprocess.run([sys.executable, "-m", "polytrain", "cluster", "--hosts", str(workers), "--bandwidth", bandwidth,
+                        "--timeout", "900", "--", sys.executable, "-m", "polytrain", "train", "--model", model,
+                        "--dataset", "mnist5k", "--epochs", str(CALIBRATION_EPOCHS), "--batch-size", str(batch),
+                        "--strategy", spec, "--seed", "0", "--set", "augment_shift=0", "--out", scratch],
+                       check=True, stdout=subprocess.DEVNULL)
+        return exp, json.loads((Path(scratch) / "result.json").read_text())["epochs"]
 
 
 def measure_overhead(profile: Profile, ranks: int, models: Sequence[str]) -> tuple[list[float], list[dict]]:
@@ -233,39 +248,43 @@ def measure_overhead(profile: Profile, ranks: int, models: Sequence[str]) -> tup
     points, rows = [], []
     for model in models:
         for per_rank in OVERHEAD_BATCHES:
-            exp, result = (_calibration_run(1, per_rank, "local", model=model) if ranks == 1 else
+            exp, epochs = (_calibration_run(1, per_rank, "local", model=model) if ranks == 1 else
                            _calibration_run(ranks, per_rank * ranks, "local_sgd", {"period": 1 << 30}, model))
             predicted = predict(exp, profile.cluster("none", ranks))
             wl = run_workload(exp)
-            residual = _step_s(result) - predicted.step_s
+            residual = _step_s(epochs) - predicted.step_s
             points.append((4 * per_rank * wl.input_elements, residual))
             rows.append({"model": model, "input_shape": list(wl.input_shape), "num_classes": wl.num_classes,
                          "ranks": ranks, "batch": per_rank, "seconds": residual})
     return _line(points), rows
 
 
-def measure_in_run(profile: Profile, bandwidth: str = "none") -> tuple[float, float]:
-    """(comm_scale, overlap) from two real 2-rank allreduce runs of the MLP, without and with overlap.
+def measure_in_run(profile: Profile, bandwidth: str = "none") -> tuple[dict, float]:
+    """(comm_scale, overlap) from real 2-rank allreduce runs of the MLP: without overlap with gloo's
+    allreduce (`native`) and with polytrain's `ring` (the point-to-point path every other algorithm,
+    server and pipeline takes), then `native` with overlap.
 
     comm_scale: how much longer the transfers take inside a training step than in the collectives
-    benchmark (the ranks' compute, the communication thread and gloo's share the cores); overlap: the
-    share of the hideable communication overlapping hid, below 0 when it cost more than it hid."""
+    benchmark, per path; overlap: the share of the hideable communication overlapping hid, below 0 when it
+    cost more than it hid."""
     from dataclasses import replace
 
     from polytrain.perf.predict import predict
 
+    scales = profile.data.setdefault("comm_scale", {}).setdefault(bandwidth, {})
+    for path, algorithm in (("native", "native"), ("p2p", "ring")):
+        scales[path] = 1.0
+        exp, epochs = _calibration_run(2, 128, "allreduce", {"algorithm": algorithm, "overlap": False},
+                                       bandwidth=bandwidth)
+        serial = predict(exp, profile.cluster(bandwidth, 2))
+        scales[path] = max(0.5, (_step_s(epochs) - serial.step_s + serial.exposed_comm_s) / serial.exposed_comm_s)
     cluster = profile.cluster(bandwidth, 2)
-    exp, result = _calibration_run(2, 128, "allreduce", {"overlap": False})
-    serial = predict(exp, cluster)
-    comm_scale = max(0.5, (_step_s(result) - serial.step_s + serial.exposed_comm_s) / serial.exposed_comm_s)
-    profile.data.setdefault("comm_scale", {})[bandwidth] = comm_scale
-    cluster = profile.cluster(bandwidth, 2)
-    exp, result = _calibration_run(2, 128, "allreduce")
+    exp, epochs = _calibration_run(2, 128, "allreduce", bandwidth=bandwidth)
     hidden_none = predict(exp, replace(cluster, overlap=0.0)).step_s
     hidden_all = predict(exp, replace(cluster, overlap=1.0)).step_s
     if hidden_none - hidden_all < 1e-6:
-        return comm_scale, 1.0
-    return comm_scale, float(min(1.0, max(-1.0, (hidden_none - _step_s(result)) / (hidden_none - hidden_all))))
+        return scales, 1.0
+    return scales, float(min(1.0, max(-1.0, (hidden_none - _step_s(epochs)) / (hidden_none - hidden_all))))
 
 
 def _fits_of(report: dict) -> dict:
@@ -332,12 +351,11 @@ def calibrate(ranks: Sequence[int] = (1, 2, 4), models: Sequence[str] = DEFAULT_
         line, rows = measure_overhead(profile, r, [m for m in models if m in OVERHEAD_MODELS])
         data["compute"]["overhead"][str(r)] = line
         data["compute"]["residual"] += rows
-    log("communication inside training steps ...")
-    comm_scale, overlap = measure_in_run(profile)
-    # Measured on loopback; the emulated links are limited by their rate, not by the cores, so they keep
-    # the benchmark's alpha and beta and take the loopback's overlap.
-    data["comm_scale"] = {bandwidth: comm_scale if bandwidth == "none" else 1.0 for bandwidth in bandwidths}
-    data["overlap"] = {bandwidth: overlap for bandwidth in bandwidths}
+    data["comm_scale"], data["overlap"] = {}, {}
+    for bandwidth in bandwidths:
+        # On emulated links too: the benchmark's small messages partly pass in tbf's bucket.
+        log(f"communication inside training steps, bandwidth {bandwidth} ...")
+        data["comm_scale"][bandwidth], data["overlap"][bandwidth] = measure_in_run(profile, bandwidth)
     data["calibration_s"] = time.perf_counter() - started
     profile.save(path)
     return profile

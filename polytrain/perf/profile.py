@@ -13,7 +13,9 @@ sharing the machine (each with its share of the cores):
 - `links[bandwidth][algorithm][ranks]`: alpha, beta, gamma of every allreduce algorithm (the collectives
   benchmark's fit), on loopback (`none`) and on the emulated cluster at each bandwidth;
 - `compression[name]`: seconds of compress + decompress as intercept + per gradient byte;
-- `comm_scale[bandwidth]`: how much longer transfers take inside a training step than in the benchmark;
+- `comm_scale[bandwidth]`: how much longer transfers take inside a training step than in the benchmark,
+  for gloo's allreduce (`native`) and for every point-to-point path (`p2p`: the other algorithms, servers,
+  pipelines);
 - `overlap[bandwidth]`: the share of the hideable communication that overlapping hid in one real run
   (below 0 when overlapping cost more than it hid).
 """
@@ -138,8 +140,9 @@ class Profile:
         if bandwidth not in links:
             raise ValueError(f"the profile {self.path} has no links calibrated at bandwidth {bandwidth}; it has "
                              f"{', '.join(links)} (polytrain calibrate --bandwidths {bandwidth})")
-        scale = float(self.data.get("comm_scale", {}).get(bandwidth, 1.0))
-        fitted = {name: {int(k): (scale * v[0], scale * v[1], v[2]) for k, v in table.items()}
+        scales = self.data.get("comm_scale", {}).get(bandwidth, {})
+        scale = {name: float(scales.get("native" if name == "native" else "p2p", 1.0)) for name in links[bandwidth]}
+        fitted = {name: {int(k): (scale[name] * v[0], scale[name] * v[1], v[2]) for k, v in table.items()}
                   for name, table in links[bandwidth].items()}
         ring = fitted.get("ring") or next(iter(fitted.values()))
         _, (alpha, beta, gamma) = _nearest(ring, ranks)

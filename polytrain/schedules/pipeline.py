@@ -274,7 +274,8 @@ def simulate(schedule, num_microbatches: int, stages: int, chunks: int = 1,
     """Runs `schedule`'s action lists for every rank against each other as the runtime does, with every
     (virtual) stage's forward taking `forward_s` / chunks and its backward `backward_s` / chunks (or, given
     lists, `forward_s[s]` and `backward_s[s]` for virtual stage s) and a message across the boundary after
-    virtual stage s taking `message_s` (or `message_s[s]`) seconds from its send to its arrival, for
+    virtual stage s taking `message_s` (or `message_s[s]`) seconds on the link between the two ranks (one per
+    direction; messages on it follow each other), for
     `steps` steps (the performance model's pipelines, polytrain.perf.predict).
 
     As in run_pipeline: sends are posted, receives wait; messages between two ranks are matched in order per
@@ -307,6 +308,7 @@ def simulate(schedule, num_microbatches: int, stages: int, chunks: int = 1,
     bounds = [[[None, None] for _ in range(steps + 1)] for _ in range(stages)]
     channels: dict[tuple[int, int, int], list[tuple[int, int, int, float, list]]] = {}
     posted: list[list[tuple[int, list]]] = [[] for _ in range(stages)]  # per rank: (step, [taken at or None])
+    link_free: dict[tuple[int, int], float] = {}  # (from rank, to rank) -> when its last message arrives
     moved = True
     while moved:
         moved = False
@@ -330,22 +332,26 @@ def simulate(schedule, num_microbatches: int, stages: int, chunks: int = 1,
                 if action.op.startswith("send"):
                     target = action.stage + 1 if ahead else action.stage - 1
                     taken: list = [None]
+                    # One link per direction: a message waits for the one before it on that link.
+                    link = (rank, target % stages)
+                    boundary = action.stage if ahead else action.stage - 1
+                    arrival = max(clocks[rank], link_free.get(link, 0.0)) + _per_stage(message_s, boundary, 1)
+                    link_free[link] = arrival
                     channels.setdefault((rank, target % stages, tag), []).append(
-                        (owner, action.microbatch, target, clocks[rank], taken))
+                        (owner, action.microbatch, target, arrival, taken))
                     posted[rank].append((step, taken))
                 elif action.op.startswith("recv"):
                     source = (action.stage - 1 if ahead else action.stage + 1) % stages
                     queue = channels.get((source, rank, tag))
                     if not queue:
                         break
-                    batch, microbatch, stage, sent, taken = queue.pop(0)
+                    batch, microbatch, stage, arrival, taken = queue.pop(0)
                     if (batch, microbatch, stage) != (owner, action.microbatch, action.stage):
                         raise ValueError(f"{schedule.name}: rank {rank} expects microbatch {action.microbatch} of "
                                          f"stage {action.stage} of batch {owner} and receives {microbatch} of stage "
                                          f"{stage} of batch {batch}")
                     taken[0] = clocks[rank]  # the receive is posted now: the send completes
-                    boundary = action.stage - 1 if ahead else action.stage
-                    clocks[rank] = max(clocks[rank], sent + _per_stage(message_s, boundary, 1))
+                    clocks[rank] = max(clocks[rank], arrival)
                 else:
                     seconds = _per_stage(forward_s if action.op == "forward" else backward_s, action.stage, chunks)
                     clocks[rank] += seconds

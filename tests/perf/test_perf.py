@@ -187,7 +187,7 @@ def test_calibration_profile_holds_every_part(quick_profile):
     assert set(data["compute"]["fits"]) == {"1", "2"}
     assert {row["model"] for row in data["compute"]["measured"]} == {"lenet5", "mlp"}
     assert "ring" in data["links"]["none"] and "2" in data["links"]["none"]["ring"]
-    assert -1.0 <= data["overlap"]["none"] <= 1.0 and data["comm_scale"]["none"] > 0
+    assert -1.0 <= data["overlap"]["none"] <= 1.0 and min(data["comm_scale"]["none"].values()) > 0
     assert {"topk", "powersgd", "fp16"} <= set(data["compression"])
     # Measured modules are used for a calibrated model and interpolate linearly in the batch.
     cluster = profile.cluster("none", 2)
