@@ -15,7 +15,7 @@ What it measures (polytrain.perf.profile describes the stored form):
 4. communication inside a training step, at each bandwidth: real 2-rank allreduce runs of the MLP without
    overlap (gloo's allreduce, and polytrain's ring for every point-to-point path) scale the benchmark's
    alpha and beta to what a step sees (on loopback the ranks' compute
-   threads share the cores with the transfers; on an emulated link the benchmark's messages, up to 1 MiB,
+   threads share the cores with the transfers; on an emulated link the benchmark's small messages
    partly pass in tbf's bucket above the rate, a step's larger buckets do not), and one with overlap is
    placed between the predictions with no overlap and with perfect overlap.
 """

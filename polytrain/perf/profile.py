@@ -141,6 +141,8 @@ class Profile:
             raise ValueError(f"the profile {self.path} has no links calibrated at bandwidth {bandwidth}; it has "
                              f"{', '.join(links)} (polytrain calibrate --bandwidths {bandwidth})")
         scales = self.data.get("comm_scale", {}).get(bandwidth, {})
+        if not isinstance(scales, dict):  # a profile of one scale for every path
+            scales = {"native": scales, "p2p": scales}
         scale = {name: float(scales.get("native" if name == "native" else "p2p", 1.0)) for name in links[bandwidth]}
         fitted = {name: {int(k): (scale[name] * v[0], scale[name] * v[1], v[2]) for k, v in table.items()}
                   for name, table in links[bandwidth].items()}
