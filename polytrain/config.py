@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import types
 import typing
@@ -254,19 +255,44 @@ def apply_overrides(base: Experiment, overrides: Mapping[str, Any]) -> Experimen
     return dataclasses.replace(base, **changes)
 
 
-def _flatten_toml(table: Mapping[str, Any]) -> dict[str, Any]:
+def flatten_toml(table: Mapping[str, Any]) -> dict[str, Any]:
     """Flattens grouping sections ([train], [data]); a table named after a dict field is kept whole."""
     flat: dict[str, Any] = {}
     for key, value in table.items():
         if isinstance(value, Mapping) and key not in field_names():
-            flat.update(_flatten_toml(value))
+            flat.update(flatten_toml(value))
         else:
             flat[key] = value
     return flat
 
 
+def toml_value(value: Any) -> str:
+    """A setting's value as a TOML literal (strings escaped as JSON escapes them, which TOML reads alike)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    raise ConfigError(f"cannot write {value!r} as TOML; expected a string, number, boolean, list or table")
+
+
+def to_toml(settings: Mapping[str, Any]) -> str:
+    """Settings as a TOML config file that `load_toml` reads back; None values are left out (TOML has none)."""
+    return "".join(f"{key} = {toml_value(value)}\n" for key, value in settings.items() if value is not None)
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Reads a TOML config file into overrides; sections such as [train] only group keys."""
+    return flatten_toml(load_toml_tables(path))
+
+
+def load_toml_tables(path: str | Path) -> dict[str, Any]:
+    """Reads a TOML file as its tables, with a one-line error for an unreadable or invalid file."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")  # TOML is UTF-8 whatever the locale
@@ -275,7 +301,6 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as error:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start}); expected a TOML file") from None
     try:
-        table = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"invalid TOML in {path}: {error}") from None
-    return _flatten_toml(table)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polytrain.comm.algorithms import ALLREDUCE_ALGORITHMS
-from polytrain.config import ConfigError, Experiment
+from polytrain.config import ConfigError, Experiment, toml_value
 from polytrain.perf.cluster import Cluster
 from polytrain.perf.predict import Prediction, predict, run_workload
 
@@ -116,18 +116,6 @@ def rank_candidates(exp: Experiment, cluster: Cluster, ranks: int, memory_per_ra
     return ranked, dropped
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
 def write_plan(path: str | Path, exp: Experiment, chosen: Ranked, cluster: Cluster) -> Path:
     """The chosen candidate as a TOML config (`polytrain train --plan FILE`), its prediction in comments."""
     from polytrain.train.io import atomic_write_bytes
@@ -137,15 +125,15 @@ def write_plan(path: str | Path, exp: Experiment, chosen: Ranked, cluster: Clust
              f"# on {cluster.name}: predicted step {1e3 * p.step_s:.3f} ms = {p.split}",
              f"# bytes sent per rank and step {p.bytes_sent_per_rank:.0f}, memory per rank "
              f"{p.memory_per_rank_bytes / 2**20:.1f} MiB; compute from {p.compute_source}",
-             f"model = {_toml_value(exp.model)}", f"dataset = {_toml_value(exp.dataset)}",
+             f"model = {toml_value(exp.model)}", f"dataset = {toml_value(exp.dataset)}",
              f"batch_size = {exp.batch_size}"]
     settings = {"mesh": {}, "step_schedule": "accumulate", "microbatches": 1, **chosen.candidate.settings}
     for key, value in settings.items():
         if value is None:
             continue
-        lines.append(f"{key} = {_toml_value(value)}")
+        lines.append(f"{key} = {toml_value(value)}")
     if exp.model_args:
-        lines.append(f"model_args = {_toml_value(exp.model_args)}")
+        lines.append(f"model_args = {toml_value(exp.model_args)}")
     target = Path(path)
     atomic_write_bytes(target, ("\n".join(lines) + "\n").encode())
     return target

@@ -173,7 +173,9 @@ def run_pipeline(actions: list[Action], pipe: PipelineStage, x, y, num_microbatc
             if pipe.is_last(stage):
                 context.scale_loss(losses.pop(key)).backward()
             else:
-                outputs.pop(key).backward(gradients.pop(key))
+                activation, gradient = outputs.pop(key), gradients.pop(key)
+                if activation.requires_grad:  # a first stage without parameters (a Flatten): nothing to backpropagate
+                    activation.backward(gradient)
             busy += time.monotonic() - began
             saved.released(key)
             flight.in_flight -= 1

@@ -262,3 +262,14 @@ def test_a_stage_that_begins_in_place_works_on_a_copy_of_what_it_receives(tmp_pa
           model=in_place_after_the_cut)
     assert result.comm["pipeline"]["cuts"] == [0, 2, 4]
     assert max_weight_difference(load_weights(tmp_path / "pp"), load_weights(tmp_path / "one")) <= 1e-5
+
+
+def test_a_first_stage_without_parameters_has_nothing_to_backpropagate(tmp_path):
+    # Stage 1 is the Flatten alone: its output needs no gradient, the run still equals one worker.
+    exp = DIGITS.replace(model=None, workers=2, mesh={"pp": 2}, step_schedule="1f1b", partition=[1],
+                         out=str(tmp_path / "pp"))
+    result = train(exp, model=in_place_after_the_cut)
+    train(exp.replace(workers=1, mesh={}, step_schedule="accumulate", partition="flops", out=str(tmp_path / "one")),
+          model=in_place_after_the_cut)
+    assert result.comm["pipeline"]["cuts"] == [0, 1, 4]
+    assert max_weight_difference(load_weights(tmp_path / "pp"), load_weights(tmp_path / "one")) <= 1e-5
