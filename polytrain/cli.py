@@ -46,15 +46,28 @@ REGISTRIES = {"models": MODELS, "datasets": DATASETS, "tasks": TASKS, "optimizer
               "convolution algorithms": CONV_ALGORITHMS, "aggregators": AGGREGATORS}
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+def _add_train_flags(parser: argparse.ArgumentParser, axes: bool = False) -> None:
+    """The settings of one run; with `axes` (polytrain compare) without those the matrix varies (workers,
+    strategy, mesh, compressor) and those of one run's directory (out, resume, plan)."""
     for name, kind in _FIELD_FLAGS.items():
+        if axes and name in ("workers", "out"):
+            continue
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, dest=name)
     # The stable name for classification runs; --target is the same setting for any task's metric.
     parser.add_argument("--target-accuracy", type=float, default=None, dest="target",
                         help="test accuracy for time-to-target (same as --target)")
-    parser.add_argument("--strategy", default=None, help="update policy NAME[:k=v,...]")
-    parser.add_argument("--mesh", default=None, help="mesh axes AXIS=SIZE,... (dp, pp, tp); --workers is their product")
-    parser.add_argument("--compressor", default=None, help="NAME[+NAME][:k=v,...] (gradient compression)")
+    if axes:
+        parser.add_argument("--strategy", action="append", default=None, dest="strategies", metavar="NAME[:k=v,...]",
+                            help="an update policy of the matrix (repeatable)")
+        parser.add_argument("--mesh", action="append", default=None, dest="meshes", metavar="AXIS=SIZE,...",
+                            help="a mesh of the matrix (repeatable)")
+        parser.add_argument("--compressor", action="append", default=None, dest="compressors",
+                            metavar="NAME[:k=v,...]", help="a compressor of the matrix, or none (repeatable)")
+    else:
+        parser.add_argument("--strategy", default=None, help="update policy NAME[:k=v,...]")
+        parser.add_argument("--mesh", default=None,
+                            help="mesh axes AXIS=SIZE,... (dp, pp, tp); --workers is their product")
+        parser.add_argument("--compressor", default=None, help="NAME[+NAME][:k=v,...] (gradient compression)")
     parser.add_argument("--straggler", default=None,
                         help="slow one rank down: rank=R,slowdown=S (e.g. rank=1,slowdown=3)")
     parser.add_argument("--aggregator", default=None,
@@ -73,9 +86,10 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="TOML file of settings")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any setting (repeatable); KEY.SUB=VALUE sets one entry of a table")
-    parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
-    parser.add_argument("--plan", default=None, metavar="FILE",
-                        help="run a plan written by polytrain plan (its settings come before the flags)")
+    if not axes:
+        parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
+        parser.add_argument("--plan", default=None, metavar="FILE",
+                            help="run a plan written by polytrain plan (its settings come before the flags)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,8 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("--student-model", default=None, help="the student's model (default: the members')")
     ensemble.add_argument("--no-distill", action="store_true", help="train and judge the members only")
     _add_perf_parsers(commands)
+    _add_compare_parser(commands)
     add_run_parser(commands)
     return parser
+
+
+def _add_compare_parser(commands) -> None:
+    compare = commands.add_parser("compare", help="run a matrix of strategies x workers x seeds beside a "
+                                                  "single-worker baseline and summarise it honestly")
+    _add_train_flags(compare, axes=True)
+    compare.add_argument("--workers", default=None, help="worker counts of the matrix, e.g. 2,4")
+    compare.add_argument("--bandwidth", default=None, dest="bandwidths",
+                         help="links of the matrix: none and/or emulated-cluster rates, e.g. none,1gbit (root)")
+    compare.add_argument("--seeds", default=None, help="seeds per cell: a count (default 3) or a list 0,1,2")
+    compare.add_argument("--vary", action="append", default=None, metavar="KEY=[V1, V2]",
+                         help="a setting the matrix varies (repeatable), e.g. lr=[0.05, 0.1]")
+    compare.add_argument("--order-seed", type=int, default=None, help="seed of the runs' random order (default 0)")
+    compare.add_argument("--ci-within", type=float, default=None, metavar="PERCENT",
+                         help="add seeds until each cell's 95 %% CI lies within PERCENT of its median")
+    compare.add_argument("--max-seeds", type=int, default=None, help="the most seeds --ci-within may reach")
+    compare.add_argument("--run-timeout", type=float, default=3600.0, help="seconds before one run is stopped")
+    compare.add_argument("--out", required=True, help="the comparison's directory (a second call resumes it)")
+    report = commands.add_parser("report", help="a comparison's plots and tables as a web page and markdown")
+    report.add_argument("directory", help="the directory polytrain compare --out wrote")
 
 
 def _add_perf_parsers(commands) -> None:
@@ -173,10 +208,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = load_toml(args.config) if args.config else {}
     if getattr(args, "plan", None):
         overrides.update(load_toml(args.plan))
-    overrides.update({name: getattr(args, name) for name in _FIELD_FLAGS if getattr(args, name) is not None})
-    if args.strategy is not None:
+    overrides.update({name: getattr(args, name) for name in _FIELD_FLAGS if getattr(args, name, None) is not None})
+    if getattr(args, "strategy", None) is not None:
         overrides["strategy"], overrides["strategy_args"] = parse_named(args.strategy, "--strategy")
-    if args.compressor is not None:
+    if getattr(args, "compressor", None) is not None:
         overrides["compressor"], overrides["compressor_args"] = parse_named(args.compressor, "--compressor")
     if args.aggregator is not None:
         overrides["aggregator"], overrides["aggregator_args"] = parse_named(args.aggregator, "--aggregator")
@@ -187,7 +222,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             overrides[name] = getattr(args, name)
     if args.straggler is not None:
         overrides["straggler"] = parse_assignments([part for part in args.straggler.split(",") if part], "--straggler")
-    if args.mesh is not None:
+    if getattr(args, "mesh", None) is not None:
         overrides["mesh"] = MeshShape.parse(args.mesh).sizes()
     if args.data_path is not None:
         overrides["dataset_args.path"] = args.data_path
@@ -234,6 +269,62 @@ def command_ensemble(args: argparse.Namespace) -> int:
               f"test accuracy {100 * result.student.final_test_metric:.2f}%")
     if exp.out:
         print(f"results in {exp.out}/ensemble.json")
+    return 0
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    from polytrain.bench.compare import build_matrix, compare, print_summary
+    from polytrain.config import flatten_toml, load_toml_tables
+
+    tables = load_toml_tables(args.config) if args.config else {}
+    axes = tables.pop("compare", {})
+    if not isinstance(axes, dict):
+        raise ValueError(f"{args.config}: [compare] must be a table of axes (strategies, workers, seeds, ...)")
+    workers, args.config, args.workers = args.workers, None, None  # the axis, not one run's setting
+    base = {**flatten_toml(tables), **overrides_from_args(args)}
+    base.pop("out", None)  # --out is the comparison's directory; each run has its own
+    apply_overrides(Experiment(), base)  # a wrong setting fails before the matrix is built
+
+    def numbers(text: str, what: str) -> list[int]:
+        try:
+            return [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"--{what} takes whole numbers separated by commas; got {text!r}") from None
+
+    for name in ("strategies", "meshes", "compressors"):
+        if getattr(args, name) is not None:
+            axes[name] = getattr(args, name)
+    if workers is not None:
+        axes["workers"] = numbers(workers, "workers")
+    if args.bandwidths is not None:
+        axes["bandwidths"] = [b.strip() for b in args.bandwidths.split(",") if b.strip()]
+    if args.seeds is not None:
+        seeds = numbers(args.seeds, "seeds")
+        axes["seeds"] = seeds[0] if "," not in args.seeds and len(seeds) == 1 else seeds
+    if args.vary is not None:
+        axes["vary"] = {**axes.get("vary", {}), **parse_assignments(args.vary, "--vary")}
+    if args.order_seed is not None:
+        axes["order_seed"] = args.order_seed
+    if (args.ci_within is None) != (args.max_seeds is None):
+        raise ValueError("--ci-within and --max-seeds go together: the stopping rule needs a most seeds")
+    if args.ci_within is not None and not 0 < args.ci_within < 100:
+        raise ValueError(f"--ci-within is a percentage in (0, 100); got {args.ci_within}")
+    matrix = build_matrix(base, axes)
+    runs = len(matrix.cells) * len(matrix.seeds)
+    print(f"polytrain compare: {len(matrix.cells)} cells (baselines included) x {len(matrix.seeds)} seeds = {runs} "
+          f"runs in {args.out}")
+    summary = compare(matrix, args.out, ci_within=args.ci_within / 100 if args.ci_within else None,
+                      max_seeds=args.max_seeds, run_timeout_s=args.run_timeout)
+    print_summary(summary)
+    print(f"summary in {args.out}/summary.md, .csv and .json; the report: polytrain report {args.out}")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from polytrain.bench.report import write_report
+
+    html_path, md_path = write_report(args.directory)
+    print(f"report written to {html_path} and {md_path}")
     return 0
 
 
@@ -443,7 +534,8 @@ def parse_memory(text: str) -> float:
 
 COMMANDS = {"train": command_train, "list": command_list, "demo": command_demo, "bench": command_bench,
             "cost": command_cost, "cluster": command_cluster, "run": command_run, "ensemble": command_ensemble,
-            "calibrate": command_calibrate, "predict": command_predict, "plan": command_plan}
+            "calibrate": command_calibrate, "predict": command_predict, "plan": command_plan,
+            "compare": command_compare, "report": command_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
