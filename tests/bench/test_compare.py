@@ -8,14 +8,12 @@ import json
 import math
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
 from polytrain.bench.compare import (Stat, build_matrix, compare, load_matrix, run_dir, summarize)
 from polytrain.bench.report import alpha_beta_bound, write_report
 from polytrain.cli import main
-from polytrain.config import ConfigError
 from polytrain.train.result import load_weights, max_weight_difference
 
 # Real 8x8 digits, a small MLP, 2 epochs: a run takes a few seconds.
