@@ -82,6 +82,8 @@ def _add_train_flags(parser: argparse.ArgumentParser, axes: bool = False) -> Non
                         help="restart with the surviving workers (synchronous data parallelism)")
     parser.add_argument("--keep-checkpoints", type=int, default=None, dest="keep_checkpoints",
                         help="checkpoints kept (the newest as checkpoint.pt; default 1)")
+    parser.add_argument("--log", action="append", default=None, metavar="NAME[:k=v,...]",
+                        help="log to tensorboard[:dir=D] or mlflow[:uri=U,experiment=E] (repeatable; optional extras)")
     parser.add_argument("--data-path", default=None, help="directory of a user dataset (mnist, cifar10, ...)")
     parser.add_argument("--config", default=None, help="TOML file of settings")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -215,6 +217,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         overrides["compressor"], overrides["compressor_args"] = parse_named(args.compressor, "--compressor")
     if args.aggregator is not None:
         overrides["aggregator"], overrides["aggregator_args"] = parse_named(args.aggregator, "--aggregator")
+    if args.log is not None:
+        overrides["log"] = list(args.log)
     if args.fault is not None:
         overrides["faults"] = [parse_fault(spec) for spec in args.fault]
     for name in ("max_restarts", "elastic", "keep_checkpoints"):

@@ -101,6 +101,8 @@ class Experiment:
         threads: torch threads per worker (None: the machine's cores divided by the workers).
         timeout_s: the longest any communication may wait for a peer before the run fails.
         out: directory for result.json, metrics.jsonl, model.pt and checkpoints.
+        log: experiment loggers on rank 0, e.g. ["tensorboard", "mlflow:uri=http://host:5000"]
+            (polytrain.train.tracking; optional extras).
     """
 
     model: str | None = None
@@ -151,6 +153,7 @@ class Experiment:
     threads: int | None = None
     timeout_s: float = 60.0
     out: str | None = None
+    log: list = field(default_factory=list)
 
     def replace(self, **changes: Any) -> "Experiment":
         """Returns a copy with `changes` applied (validated like overrides)."""

@@ -25,6 +25,7 @@ from polytrain.schedules import STEP_SCHEDULES
 from polytrain.parallel.pipeline import PARTITIONS
 from polytrain.parallel.tensor import TP_PLANS
 from polytrain.strategies import STRATEGIES, policy_args, server_ranks
+from polytrain.train.tracking import check_loggers
 from polytrain.tasks import ACCURACY, TASKS
 from polytrain.train.compression import check_compression_plan
 from polytrain.train.optim import OPTIMIZERS, SCHEDULES, check_optimizer, optimizer_defaults
@@ -385,6 +386,7 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
     _check(exp.timeout_s > 0, f"timeout must be positive seconds, got {exp.timeout_s}")
     _check(exp.threads >= 1, f"threads must be at least 1, got {exp.threads}")
     _check_out(exp.out)
+    check_loggers(exp)
 
 
 def _check_out(out: str | None) -> None:

@@ -39,6 +39,7 @@ from polytrain.train.environment import environment
 from polytrain.train.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from polytrain.train.optim import Schedule, build_optimizer, build_schedule
 from polytrain.train.progress import Reporter, SilentReporter, console_reporter
+from polytrain.train.tracking import with_tracking
 from polytrain.train.result import Result
 from polytrain.train.session import Session, backend_for
 from polytrain.train.straggler import Straggler
@@ -534,6 +535,8 @@ def _resume_state(exp: Experiment, resume: str | Path | None) -> tuple[Path, dic
 
 def _run(exp: Experiment, state: dict | None, reporter: Reporter, on_step, comm: Communicator | None,
          own: OwnObjects = OwnObjects(), attempt: Attempt | None = None) -> Result:
+    if comm is None or comm.rank == 0:
+        reporter = with_tracking(reporter, exp)
     trainer = Trainer(exp, reporter, on_step, comm, own, attempt)
     if state is not None:
         trainer.restore(state)
