@@ -100,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train_flags(commands.add_parser("train", help="train a model"))
     commands.add_parser("list", help="list every registry (models, datasets, ...)")
-    demo = commands.add_parser("demo", help="train a CNN on real MNIST digits and print a results table")
-    demo.add_argument("--epochs", type=int, default=None)
-    demo.add_argument("--out", default=None, help="also keep the run's files here")
+    demo = commands.add_parser("demo", help="one strategy of each family against one worker on real MNIST digits: "
+                                            "a results table and an HTML report")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs per run (default 8)")
+    demo.add_argument("--out", default=None, help="the demo's directory (default ./polytrain-demo; a second call "
+                                                  "resumes it)")
     _add_bench_parsers(commands.add_parser("bench", help="benchmarks (ops: convolutions; collectives: allreduce)"))
     _add_cost_flags(commands.add_parser("cost", help="parameters, arithmetic, memory, work and depth of a model"))
     _add_cluster_flags(commands.add_parser("cluster", help="run a command on emulated hosts with limited "

@@ -50,6 +50,8 @@ MIN_SEEDS_FOR_CLAIM = 5
 PARALLEL_SETTINGS = {"workers": 1, "mesh": {}, "strategy": None, "strategy_args": {}, "compressor": None,
                      "compressor_args": {}, "aggregator": None, "aggregator_args": {}, "straggler": {}, "faults": [],
                      "step_schedule": "accumulate"}
+SUMMARY_HEAD = ["cell", "seeds", "test acc (median [95 % CI])", "time to target s", "speed-up to target",
+                "samples/s", "speed-up samples/s", "bytes/step", "step ms (predicted)", "flags"]
 AXES = ("strategies", "meshes", "compressors", "workers", "bandwidths", "vary", "seeds")
 
 
@@ -114,7 +116,6 @@ def build_matrix(base: dict, axes: dict) -> Matrix:
     Unknown names and settings fail here, before any run, with the resolver's one-line errors."""
     from polytrain.comm.mesh import MeshShape
     from polytrain.launch.cluster import parse_bandwidth
-    from polytrain.train.defaults import resolve
 
     unknown = set(axes) - set(AXES) - {"order_seed"}
     if unknown:
@@ -137,8 +138,7 @@ def build_matrix(base: dict, axes: dict) -> Matrix:
 
     cells: dict[str, Cell] = {}
     for combo in combos:
-        baseline = Cell(_label({"workers": 1}, None, None, "none", combo, baseline=True),
-                        {**PARALLEL_SETTINGS, **combo}, baseline=True, vary=combo)
+        baseline = baseline_cell(combo)
         cells[baseline.key] = baseline
         for strategy, compressor, layout, bandwidth in itertools.product(strategies, compressors or [None],
                                                                          layouts or [{}], bandwidths):
@@ -147,17 +147,34 @@ def build_matrix(base: dict, axes: dict) -> Matrix:
                 settings["strategy"], settings["strategy_args"] = strategy
             if compressor:
                 settings["compressor"], settings["compressor_args"] = compressor
-            cell = Cell(_label(layout, strategy, compressor, bandwidth, combo), settings, bandwidth, vary=combo)
+            label = _label(layout, strategy, compressor or ("uncompressed",) * bool(compressors), bandwidth, combo)
+            cell = Cell(label, settings, bandwidth, vary=combo)
             cells.setdefault(cell.key, cell)
     matrix = Matrix(dict(base), list(cells.values()), seeds, int(axes.get("order_seed", 0)))
+    check_matrix(matrix)
+    return matrix
+
+
+def baseline_cell(vary: dict | None = None) -> Cell:
+    """The single worker of the same code: the base settings (and `vary` values) without the parallel ones."""
+    vary = dict(vary or {})
+    return Cell(_label({"workers": 1}, None, None, "none", vary, baseline=True), {**PARALLEL_SETTINGS, **vary},
+                baseline=True, vary=vary)
+
+
+def check_matrix(matrix: Matrix) -> None:
+    """Every cell resolves (names, settings, meshes), before any run starts; one line naming the cell if not."""
+    from polytrain.train.defaults import resolve
+
+    if not any(cell.baseline for cell in matrix.cells):
+        raise ConfigError("compare: a matrix needs its single-worker baseline (baseline_cell())")
     for cell in matrix.cells:
         try:
-            exp = resolve(matrix.experiment(cell, seeds[0], Path(".")))
+            exp = resolve(matrix.experiment(cell, matrix.seeds[0], Path(".")))
         except ValueError as error:  # ConfigError, an unknown name
             raise ConfigError(f"compare: cell '{cell.label}': {error}") from None
         if exp.workers == 1 and not cell.baseline and cell.bandwidth != "none":
             raise ConfigError(f"compare: cell '{cell.label}' has one worker: a bandwidth needs several")
-    return matrix
 
 
 def _label(layout: dict, strategy, compressor, bandwidth: str, combo: dict, baseline: bool = False) -> str:
@@ -393,11 +410,10 @@ class Summary:
         return buffer.getvalue()
 
     def to_markdown(self) -> str:
-        head = ["cell", "seeds", "test acc (median, 95 % CI)", "time to target s", "speed-up to target",
-                "samples/s", "speed-up samples/s", "bytes/step", "flags"]
+        head = SUMMARY_HEAD
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for s in self.cells.values():
-            lines.append("| " + " | ".join(_table_row(s)) + " |")
+            lines.append("| " + " | ".join(table_row(s)) + " |")
         lines += [""] + [f"- {flag}" for flag in self.flags]
         return "\n".join(lines) + "\n"
 
@@ -423,7 +439,7 @@ def _fmt(stat: Stat | None, scale: float = 1.0, digits: int = 1, unit: str = "",
     return f"{scale * stat.median:.{digits}{style}}{unit} [{scale * stat.low:.{digits}{style}}, {high}]"
 
 
-def _table_row(s: CellSummary) -> list[str]:
+def table_row(s: CellSummary) -> list[str]:
     """The cell's row: a speed-up is never shown without the test accuracy beside it."""
     failed = sum(not r["ok"] for r in s.runs)
     accuracy = s.stats["final_test_accuracy"] or s.stats["final_test_metric"]
@@ -432,8 +448,16 @@ def _table_row(s: CellSummary) -> list[str]:
            _fmt(accuracy, scale, 2, " %" if scale == 100 else ""), _fmt(s.stats["time_to_target_s"], digits=3, style="g"),
            _fmt(s.speedup["time_to_target"], digits=2) if accuracy else "-",
            _fmt(s.stats["samples_per_s"], digits=0), _fmt(s.speedup["samples_per_s"], digits=2) if accuracy else "-",
-           _fmt(s.stats["bytes_sent_per_step"], digits=0), "; ".join(s.flags)]
+           _fmt(s.stats["bytes_sent_per_step"], digits=0), _step(s), "; ".join(s.flags)]
     return row
+
+
+def _step(s: CellSummary) -> str:
+    """The measured step in ms beside the performance model's prediction, where the machine is calibrated."""
+    measured, predicted = s.stats["measured_step_s"], s.stats["predicted_step_s"]
+    if measured is None:
+        return "-"
+    return f"{1e3 * measured.median:.3g}" + (f" ({1e3 * predicted.median:.3g})" if predicted else " (-)")
 
 
 def load_runs(root: Path, cell: Cell, seeds: Sequence[int]) -> list[dict]:
@@ -530,6 +554,8 @@ METRICS: dict[str, Callable[[dict], float | None]] = {
     "wall_s": lambda r: r["wall_s"],
     "samples_per_s": lambda r: r["samples_per_s"],
     "bytes_sent_per_step": lambda r: r["comm"].get("bytes_sent_per_step"),
+    "measured_step_s": lambda r: r.get("performance", {}).get("measured_step_s"),
+    "predicted_step_s": lambda r: r.get("performance", {}).get("predicted_step_s"),
 }
 
 
@@ -542,10 +568,10 @@ def print_summary(summary: Summary, stream: TextIO | None = None) -> None:
     table = Table(title="polytrain compare: medians [95 % CI] over seeds" +
                         (f", target {summary.target}" if summary.target is not None else ""))
     for column in ("cell", "seeds", "test acc", "to target s", "speed-up (target)", "samples/s",
-                   "speed-up (rate)", "bytes/step", "flags"):
+                   "speed-up (rate)", "bytes/step", "step ms (predicted)", "flags"):
         table.add_column(column, justify="left" if column in ("cell", "flags") else "right")
     for s in summary.cells.values():
-        table.add_row(*_table_row(s))
+        table.add_row(*table_row(s))
     console.print(table)
     for flag in summary.flags:
         console.print(f"[bold]note:[/bold] {flag}", highlight=False)

@@ -19,12 +19,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from polytrain.bench.compare import CellSummary, Summary, _table_row, load_matrix, summarize
+from polytrain.bench.compare import SUMMARY_HEAD, CellSummary, Summary, table_row, load_matrix, summarize
 from polytrain.bench.stats import median_ci
 from polytrain.train.io import atomic_write_bytes
 
-SUMMARY_HEAD = ["cell", "seeds", "test acc (median [95 % CI])", "time to target s", "speed-up to target",
-                "samples/s", "speed-up samples/s", "bytes/step", "flags"]
 MANIFEST_KEYS = ("git_sha", "polytrain", "python", "torch", "numpy", "platform", "cpu", "cores", "threads", "cuda",
                  "hostname", "network")
 
@@ -272,7 +270,7 @@ def write_report(root: str | Path) -> tuple[Path, Path]:
     matrix = load_matrix(root)
     summary = summarize(root, matrix)
     shown = figures(summary)
-    rows = [_table_row(cell) for cell in summary.cells.values()]
+    rows = [table_row(cell) for cell in summary.cells.values()]
     manifest_head = ["cell", "seed", "directory", "status", *MANIFEST_KEYS]
     manifests = _manifests(summary)
     base = ", ".join(f"{k}={json.dumps(v)}" for k, v in matrix.base.items())

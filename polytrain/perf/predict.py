@@ -19,6 +19,7 @@ on the schedule's own action lists, with each stage's times and each boundary's 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import asdict, dataclass, field
@@ -349,6 +350,15 @@ def allreduce(ctx: Context) -> Parts:
                                             args.overlap and not ctx.exp.aggregator)
     parts.notes.append(f"{len(cuts)} bucket(s) of <= {args.bucket_mb:g} MiB, {args.algorithm}")
     return parts
+
+
+@PREDICTORS.register("ddp")
+def ddp(ctx: Context) -> Parts:
+    """torch's DDP: its buckets overlapped with backward, each summed by gloo's allreduce (`native`); its
+    smaller first bucket (1 MiB) is not modelled apart."""
+    bucket_mb = ctx.args.get("bucket_mb", 25.0)
+    as_allreduce = ctx.exp.replace(strategy="allreduce", strategy_args={"algorithm": "native", "bucket_mb": bucket_mb})
+    return allreduce(dataclasses.replace(ctx, exp=as_allreduce))
 
 
 @PREDICTORS.register("local")

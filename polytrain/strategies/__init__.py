@@ -214,7 +214,7 @@ class Local(PolicyBase):
 
 
 # Registers the parallel policies.
-from polytrain.strategies import allreduce, easgd, gossip, hogwild, krizhevsky, local_sgd, ps  # noqa: E402,F401
+from polytrain.strategies import allreduce, ddp, easgd, gossip, hogwild, krizhevsky, local_sgd, ps  # noqa: E402,F401
 
 __all__ = ["STRATEGIES", "UpdatePolicy", "PolicyBase", "Update", "policy_args", "server_ranks", "build_policy",
            "Local"]

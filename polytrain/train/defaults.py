@@ -285,6 +285,10 @@ def _check_faults(exp: Experiment, shape: MeshShape) -> None:
            f"keep checkpoints must be a whole number >= 1, got {exp.keep_checkpoints!r}")
     if exp.max_restarts:
         _check(exp.out is not None, "--max-restarts restarts from the run's checkpoints; give --out DIR")
+    if exp.strategy == "ddp":
+        _check(shape.world_size == shape.dp and exp.microbatches == 1 and exp.step_schedule == "accumulate",
+               f"strategy ddp is torch's DistributedDataParallel over data parallelism with one microbatch per "
+               f"step; got mesh {shape.describe()}, {exp.microbatches} microbatches, step schedule {exp.step_schedule}")
     if exp.elastic:
         _check(exp.max_restarts >= 1, "--elastic says how a run restarts; give --max-restarts R >= 1 too")
         _check(exp.strategy in ("allreduce", "local") and shape.world_size == shape.dp and exp.compressor is None,

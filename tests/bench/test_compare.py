@@ -214,3 +214,23 @@ def test_the_report_renders_in_headless_chromium_with_every_image_loaded(compare
     assert len(images) == 5 and all(done and width > 100 and height > 100 for done, width, height in images)
     assert summary_rows == 2 and manifest_rows == 4
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_the_demo_has_the_baseline_and_one_strategy_of_each_family():
+    from polytrain.bench.demo import demo_matrix
+
+    matrix = demo_matrix()
+    settings = [cell.settings for cell in matrix.cells if not cell.baseline]
+    assert sum(cell.baseline for cell in matrix.cells) == 1
+    assert {s["strategy"] for s in settings} == {"allreduce", "local_sgd", "ps"}
+    assert any(s.get("compressor") for s in settings) and any(s.get("mesh", {}).get("pp", 1) > 1 for s in settings)
+    assert {s["strategy_args"].get("algorithm") for s in settings if s["strategy"] == "allreduce"} >= {"ring", "central"}
+
+
+@pytest.mark.slow
+def test_the_demo_runs_end_to_end_and_writes_its_report(tmp_path):
+    from polytrain.bench.demo import run_demo
+
+    page = run_demo(epochs=1, out=tmp_path / "demo")
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert page.exists() and all(run["ok"] for cell in summary["cells"] for run in cell["runs"])

@@ -38,6 +38,7 @@ def runs(directory) -> dict[str, Experiment]:
     local = SGD.replace(strategy="local_sgd", strategy_args={"period": PERIOD, "algorithm": "ring"})
     return {
         "allreduce": SGD.replace(strategy="allreduce", strategy_args=RING_ARGS),
+        "ddp": SGD.replace(strategy="ddp"),
         "local_sgd H=1": SGD.replace(strategy="local_sgd", strategy_args={"period": 1, "algorithm": "ring"}),
         "allreduce momentum": SGD.replace(strategy="allreduce", strategy_args=RING_ARGS, optimizer="momentum"),
         "local_sgd H=1 momentum": SGD.replace(strategy="local_sgd", optimizer="momentum",
@@ -90,7 +91,8 @@ def weights_of_any_lenet() -> dict[str, torch.Tensor]:
                                                ("allreduce momentum", "local_sgd H=1 momentum"),
                                                ("local_sgd H=4", "diloco outer sgd lr 1"),
                                                ("allreduce", "local_sgd warm-up throughout"),
-                                               ("allreduce", "gossip complete")])
+                                               ("allreduce", "gossip complete"),
+                                               ("allreduce", "ddp")])
 def test_policy_equals_its_reference(four_workers, reference, policy):
     # Local SGD with H = 1 averages p local steps of p * (shard gradient) into the synchronous step; DiLoCo's
     # outer SGD at lr 1 without momentum moves the anchor to the mean; warm-up steps are allreduce's steps;
@@ -99,6 +101,21 @@ def test_policy_equals_its_reference(four_workers, reference, policy):
     results, out = four_workers
     assert max_weight_difference(load_weights(out[reference]), load_weights(out[policy])) <= 1e-5
     assert results[policy].final_test_accuracy == pytest.approx(results[reference].final_test_accuracy, abs=2e-3)
+
+
+def test_ddp_sums_each_bucket_through_the_counting_communicator(four_workers):
+    # LeNet-5's 247 KB of gradient fit DDP's first bucket: one allreduce per step, estimated as ring's volume.
+    results, _ = four_workers
+    per_step = 2 * (WORKERS - 1) * model_bytes() // WORKERS
+    for stats in results["ddp"].comm["per_rank"]:
+        assert stats["by_operation"] == {"native_all_reduce": STEPS * per_step}
+    assert results["ddp"].comm["bytes_sent_per_step"] == per_step
+
+
+def test_ddp_refuses_what_it_cannot_run_in_one_line():
+    for changes in ({"microbatches": 2}, {"mesh": {"dp": 2, "pp": 2}, "step_schedule": "1f1b"}):
+        with pytest.raises(ConfigError, match="strategy ddp is torch's DistributedDataParallel"):
+            train(SGD.replace(strategy="ddp", **changes))
 
 
 def test_local_sgd_sends_the_model_every_period(four_workers):
