@@ -147,7 +147,8 @@ def build_matrix(base: dict, axes: dict) -> Matrix:
                 settings["strategy"], settings["strategy_args"] = strategy
             if compressor:
                 settings["compressor"], settings["compressor_args"] = compressor
-            label = _label(layout, strategy, compressor or ("uncompressed",) * bool(compressors), bandwidth, combo)
+            shown = compressor or (("uncompressed", {}) if compressors else None)
+            label = _label(layout, strategy, shown, bandwidth, combo)
             cell = Cell(label, settings, bandwidth, vary=combo)
             cells.setdefault(cell.key, cell)
     matrix = Matrix(dict(base), list(cells.values()), seeds, int(axes.get("order_seed", 0)))

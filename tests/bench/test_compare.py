@@ -46,6 +46,8 @@ def test_the_matrix_crosses_every_axis_and_adds_one_baseline_per_varied_setting(
     other = build_matrix({"model": "mlp", "dataset": "digits"}, {"strategies": ["allreduce", "local_sgd:period=4"],
                          "workers": [2, 4], "vary": {"lr": [0.05, 0.1]}, "seeds": 3, "order_seed": 1})
     assert [(c.key, s) for c, s in other.runs()] != [(c.key, s) for c, s in runs]
+    compressed = build_matrix({"model": "mlp", "dataset": "digits"}, {"workers": [2], "compressors": ["none", "fp16"]})
+    assert [c.label for c in compressed.cells] == ["1 worker (baseline)", "2 workers, uncompressed", "2 workers, fp16"]
 
 
 @pytest.mark.parametrize("axes, message", [
