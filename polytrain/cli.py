@@ -140,6 +140,18 @@ def _add_compare_parser(commands) -> None:
     compare.add_argument("--max-seeds", type=int, default=None, help="the most seeds --ci-within may reach")
     compare.add_argument("--run-timeout", type=float, default=3600.0, help="seconds before one run is stopped")
     compare.add_argument("--out", required=True, help="the comparison's directory (a second call resumes it)")
+    tune = commands.add_parser("tune", help="hyper-parameter search whose trials are polytrain runs (a study in "
+                                            "SQLite or any SQLAlchemy database, resumable)")
+    tune.add_argument("--config", required=True, help="TOML: base settings, [tune] (sampler, trials, objective, "
+                                                      "seed, parallel, confirm_seeds) and [tune.space]")
+    tune.add_argument("--out", required=True, help="the study's directory (trials/, confirm/, study.db, tune.json)")
+    tune.add_argument("--storage", default=None, help="SQLAlchemy URL of the study's database (default "
+                                                      "sqlite:///OUT/study.db)")
+    tune.add_argument("--study", default="study", help="the study's name in the database (default study)")
+    for name in ("trials", "parallel", "confirm_seeds"):
+        tune.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"[tune] {name}")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base setting")
+    tune.add_argument("--run-timeout", type=float, default=3600.0, help="seconds before one trial is stopped")
     report = commands.add_parser("report", help="a comparison's plots and tables as a web page and markdown")
     report.add_argument("directory", help="the directory polytrain compare --out wrote")
 
@@ -323,6 +335,26 @@ def command_compare(args: argparse.Namespace) -> int:
                       max_seeds=args.max_seeds, run_timeout_s=args.run_timeout)
     print_summary(summary)
     print(f"summary in {args.out}/summary.md, .csv and .json; the report: polytrain report {args.out}")
+    return 0
+
+
+def command_tune(args: argparse.Namespace) -> int:
+    from polytrain.config import flatten_toml, load_toml_tables
+    from polytrain.tune.run import TuneSpec, print_tune_summary, tune
+
+    tables = load_toml_tables(args.config)
+    table = tables.pop("tune", None)
+    if not isinstance(table, dict):
+        raise ValueError(f"{args.config} has no [tune] table (sampler, trials, objective, ...) with its [tune.space]")
+    for name in ("trials", "parallel", "confirm_seeds"):
+        if getattr(args, name) is not None:
+            table[name] = getattr(args, name)
+    base = {**flatten_toml(tables), **parse_assignments(args.set)}
+    base.pop("out", None)  # each trial has its own directory
+    spec = TuneSpec.parse(base, table)
+    summary = tune(spec, args.out, storage=args.storage, name=args.study, run_timeout_s=args.run_timeout)
+    print_tune_summary(summary)
+    print(f"trials in {args.out}/trials, the summary in {args.out}/tune.json")
     return 0
 
 
@@ -541,7 +573,7 @@ def parse_memory(text: str) -> float:
 COMMANDS = {"train": command_train, "list": command_list, "demo": command_demo, "bench": command_bench,
             "cost": command_cost, "cluster": command_cluster, "run": command_run, "ensemble": command_ensemble,
             "calibrate": command_calibrate, "predict": command_predict, "plan": command_plan,
-            "compare": command_compare, "report": command_report}
+            "compare": command_compare, "report": command_report, "tune": command_tune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,8 +26,10 @@ import io
 import itertools
 import json
 import math
+import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -229,17 +231,53 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def run_command(exp: Experiment, cell: Cell, run_timeout_s: float) -> list[str]:
-    """`polytrain train --config DIR/config.toml --out DIR`, on emulated hosts when the cell has a bandwidth."""
+def run_command(exp: Experiment, bandwidth: str, run_timeout_s: float) -> list[str]:
+    """`polytrain train --config DIR/config.toml --out DIR`, on emulated hosts at `bandwidth` unless none."""
     from polytrain.train.defaults import resolve, run_ranks
 
     train = [sys.executable, "-m", "polytrain", "train", "--config", str(Path(exp.out) / "config.toml"),
              "--out", exp.out]
-    if cell.bandwidth == "none":
+    if bandwidth == "none":
         return train
     hosts = run_ranks(resolve(exp))
-    return [sys.executable, "-m", "polytrain", "cluster", "--hosts", str(hosts), "--bandwidth", cell.bandwidth,
+    return [sys.executable, "-m", "polytrain", "cluster", "--hosts", str(hosts), "--bandwidth", bandwidth,
             "--timeout", str(int(run_timeout_s)), "--", *train]
+
+
+def train_in_directory(exp: Experiment, bandwidth: str = "none", run_timeout_s: float = 3600.0,
+                       on_line: Callable[[str], None] = lambda line: None) -> dict | None:
+    """Runs `exp` as its own `polytrain train` process in `exp.out` (made afresh: an earlier attempt there is
+    kept as DIR.failed-K): config.toml, log.txt, then the run's files. Returns its result.json, or None when
+    it failed (DIR/failed.json says how). A watchdog stops it, and its workers, past `run_timeout_s`."""
+    directory = Path(exp.out)
+    if directory.exists():
+        attempt = 1 + sum(1 for _ in directory.parent.glob(f"{directory.name}.failed-*"))
+        directory.rename(directory.with_name(f"{directory.name}.failed-{attempt}"))
+    directory.mkdir(parents=True)
+    settings = {k: v for k, v in exp.to_dict().items() if k != "out"}
+    atomic_write_bytes(directory / "config.toml", to_toml(settings).encode())
+    started = time.monotonic()
+    with open(directory / "log.txt", "w") as log:
+        # Its own process group: the watchdog and an interrupt stop the run's workers with it.
+        child = subprocess.Popen(run_command(exp, bandwidth, run_timeout_s), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                 preexec_fn=_die_with_parent)
+        watchdog = threading.Timer(run_timeout_s + 60, _stop, [child])  # no run may hang the caller
+        watchdog.start()
+        try:
+            for line in child.stdout:  # the child's epoch lines, as they come
+                log.write(line)
+                on_line(line.strip())
+            code = child.wait()
+        except BaseException:
+            _stop(child)
+            raise
+        finally:
+            watchdog.cancel()
+    if code == 0 and (directory / "result.json").exists():
+        return json.loads((directory / "result.json").read_text())
+    atomic_write_json(directory / "failed.json", {"exit": code, "seconds": time.monotonic() - started})
+    return None
 
 
 def run_one(matrix: Matrix, cell: Cell, seed: int, root: Path, progress: Progress, run_timeout_s: float) -> bool:
@@ -247,42 +285,38 @@ def run_one(matrix: Matrix, cell: Cell, seed: int, root: Path, progress: Progres
     directory = run_dir(root, cell, seed)
     if (directory / "result.json").exists():
         return True
-    if directory.exists():  # failed or interrupted: keep it, start afresh
-        attempt = 1 + sum(1 for _ in directory.parent.glob(f"{directory.name}.failed-*"))
-        directory.rename(directory.with_name(f"{directory.name}.failed-{attempt}"))
-    directory.mkdir(parents=True)
-    exp = matrix.experiment(cell, seed, directory)
-    settings = {k: v for k, v in exp.to_dict().items() if k != "out"}
-    atomic_write_bytes(directory / "config.toml", to_toml(settings).encode())
     progress.start(cell, seed)
     started = time.monotonic()
-    outcome, ok = "failed", False
-    with open(directory / "log.txt", "w") as log:
-        child = subprocess.Popen(run_command(exp, cell, run_timeout_s), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
-        watchdog = threading.Timer(run_timeout_s + 60, child.kill)  # no run may hang the comparison
-        watchdog.start()
-        try:
-            for line in child.stdout:  # the child's epoch lines, as they come
-                log.write(line)
-                progress.line(line.strip())
-            code = child.wait()
-        finally:
-            watchdog.cancel()
-        ok = code == 0 and (directory / "result.json").exists()
-        if not ok:
-            atomic_write_json(directory / "failed.json", {"exit": code, "seconds": time.monotonic() - started})
-        else:
-            result = json.loads((directory / "result.json").read_text())
-            shown = result["final_test_accuracy"]
-            outcome = (f"test accuracy {100 * shown:.2f} %" if shown is not None
-                       else f"test {result['metric']} {result['final_test_metric']:.4g}")
-    progress.finish(time.monotonic() - started, outcome if ok else f"FAILED (exit {code}; see {directory}/log.txt)")
-    return ok
+    result = train_in_directory(matrix.experiment(cell, seed, directory), cell.bandwidth, run_timeout_s,
+                                progress.line)
+    if result is None:
+        outcome = f"FAILED (see {directory}/log.txt)"
+    elif result["final_test_accuracy"] is not None:
+        outcome = f"test accuracy {100 * result['final_test_accuracy']:.2f} %"
+    else:
+        outcome = f"test {result['metric']} {result['final_test_metric']:.4g}"
+    progress.finish(time.monotonic() - started, outcome)
+    return result is not None
 
 
-def run_dir(root: Path, cell: Cell, seed: int) -> Path:
-    return root / "runs" / cell.key / f"seed-{seed}"
+def _die_with_parent() -> None:
+    """In the child, before exec: killed when the process that started it dies (Linux's PR_SET_PDEATHSIG), so a
+    killed comparison or study leaves no run writing into a directory it will run again."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def _stop(child: subprocess.Popen) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_dir(root: str | Path, cell: Cell, seed: int) -> Path:
+    return Path(root) / "runs" / cell.key / f"seed-{seed}"
 
 
 def compare(matrix: Matrix, root: str | Path, *, ci_within: float | None = None, max_seeds: int | None = None,
@@ -295,6 +329,7 @@ def compare(matrix: Matrix, root: str | Path, *, ci_within: float | None = None,
     root.mkdir(parents=True, exist_ok=True)
     _check_same_matrix(root, matrix)
     seeds = list(matrix.seeds)
+    atomic_write_json(root / "matrix.json", _matrix_json(matrix))  # first: an interrupted comparison resumes
     pending = matrix.runs()
     while True:
         pending = [(cell, seed) for cell, seed in pending if not (run_dir(root, cell, seed) / "result.json").exists()]
@@ -398,6 +433,7 @@ class Summary:
                 for part in ("median", "low", "high", "olympic"):
                     value = getattr(stat, part) if stat is not None else None
                     row[f"{name}_{part}"] = None if value is None or math.isinf(value) else value
+            row["staleness"] = json.dumps(summary.staleness) if summary.staleness else ""
             row["flags"] = "; ".join(summary.flags)
             rows.append(row)
         return rows
@@ -449,8 +485,17 @@ def table_row(s: CellSummary) -> list[str]:
            _fmt(accuracy, scale, 2, " %" if scale == 100 else ""), _fmt(s.stats["time_to_target_s"], digits=3, style="g"),
            _fmt(s.speedup["time_to_target"], digits=2) if accuracy else "-",
            _fmt(s.stats["samples_per_s"], digits=0), _fmt(s.speedup["samples_per_s"], digits=2) if accuracy else "-",
-           _fmt(s.stats["bytes_sent_per_step"], digits=0), _step(s), "; ".join(s.flags)]
+           _fmt(s.stats["bytes_sent_per_step"], digits=0), _step(s), "; ".join(_staleness_note(s) + s.flags)]
     return row
+
+
+def _staleness_note(s: CellSummary) -> list[str]:
+    """Where updates were stale: the largest staleness and the mean over every update of every seed."""
+    if not s.staleness:
+        return []
+    total = sum(s.staleness.values())
+    mean = sum(int(k) * n for k, n in s.staleness.items()) / total
+    return [f"staleness max {max(int(k) for k in s.staleness)}, mean {mean:.2f}"]
 
 
 def _step(s: CellSummary) -> str:

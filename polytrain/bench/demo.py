@@ -24,8 +24,8 @@ DEMO_CELLS = [
       "compressor_args": {"ratio": 0.01, "ef": True}}),
     ("4 workers, local SGD averaging every 4 steps",
      {"workers": 4, "strategy": "local_sgd", "strategy_args": {"period": 4}}),
-    ("3 workers + 1 server, asynchronous parameter server",
-     {"workers": 3, "strategy": "ps", "strategy_args": {"servers": 1, "mode": "async"}}),
+    ("4 workers + 1 server, asynchronous parameter server",
+     {"workers": 4, "strategy": "ps", "strategy_args": {"servers": 1, "mode": "async"}}),
     ("dp 2 x pp 2, 1F1B pipeline", {"workers": 4, "mesh": {"dp": 2, "pp": 2}, "step_schedule": "1f1b",
                                      "microbatches": 2}),
 ]

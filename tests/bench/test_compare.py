@@ -167,6 +167,31 @@ def test_the_stopping_rule_adds_seeds_until_the_ci_is_narrow(tmp_path):
     assert (smaller.high - smaller.low) / 2 > 0.05 * smaller.median  # one seed fewer was not yet within
 
 
+def test_staleness_histograms_add_up_over_seeds_into_the_summary(tmp_path):
+    # A stand-in runner writes the results: parameter-server runs report their staleness histogram.
+    histograms = {0: {"0": 6, "1": 3}, 1: {"0": 4, "2": 1}}
+
+    def runner(matrix, cell, seed, root, progress, timeout):
+        directory = run_dir(root, cell, seed)
+        directory.mkdir(parents=True, exist_ok=True)
+        comm = {"bytes_sent_per_step": 0} | ({} if cell.baseline else {"staleness": {"histogram": histograms[seed]}})
+        (directory / "result.json").write_text(json.dumps({
+            "time_to_target_s": None, "wall_s": 1.0, "samples_per_s": 10.0, "final_test_accuracy": 0.9,
+            "best_test_accuracy": 0.9, "final_test_metric": 0.9, "metric": "accuracy", "steps": 1, "epochs": [],
+            "comm": comm, "dataset": {"synthetic": True}, "config": {"workers": 1}}))
+        return True
+
+    matrix = build_matrix({"model": "mlp", "dataset": "digits"}, {"workers": [2], "seeds": 2})
+    summary = compare(matrix, tmp_path, runner=runner)
+    cell = next(s for s in summary.cells.values() if not s.cell.baseline)
+    assert cell.staleness == {"0": 10, "1": 3, "2": 1}
+    row = next(r for r in csv.DictReader((tmp_path / "summary.csv").open()) if r["cell"] == cell.cell.label)
+    assert json.loads(row["staleness"]) == {"0": 10, "1": 3, "2": 1}
+    assert "staleness max 2, mean 0.36" in (tmp_path / "summary.md").read_text()
+    assert any("synthetic data" in flag for flag in summary.flags)
+    assert any("no target set" in flag for flag in summary.flags)
+
+
 def test_the_olympic_mean_drops_the_best_and_the_worst_from_five_runs():
     assert Stat.of([1.0, 2.0, 3.0, 4.0]).olympic is None
     assert Stat.of([9.0, 1.0, 2.0, 3.0, 100.0]).olympic == pytest.approx((2 + 3 + 9) / 3)
@@ -224,9 +249,9 @@ def test_the_demo_has_the_baseline_and_one_strategy_of_each_family():
     matrix = demo_matrix()
     settings = [cell.settings for cell in matrix.cells if not cell.baseline]
     assert sum(cell.baseline for cell in matrix.cells) == 1
-    assert {s["strategy"] for s in settings} == {"allreduce", "local_sgd", "ps"}
+    assert {s.get("strategy") for s in settings} == {"allreduce", "local_sgd", "ps", None}  # None: the pipeline's
     assert any(s.get("compressor") for s in settings) and any(s.get("mesh", {}).get("pp", 1) > 1 for s in settings)
-    assert {s["strategy_args"].get("algorithm") for s in settings if s["strategy"] == "allreduce"} >= {"ring", "central"}
+    assert {s["strategy_args"]["algorithm"] for s in settings if s.get("strategy") == "allreduce"} >= {"ring", "central"}
 
 
 @pytest.mark.slow
@@ -236,3 +261,20 @@ def test_the_demo_runs_end_to_end_and_writes_its_report(tmp_path):
     page = run_demo(epochs=1, out=tmp_path / "demo")
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert page.exists() and all(run["ok"] for cell in summary["cells"] for run in cell["runs"])
+
+
+def test_a_bandwidth_cell_runs_on_the_emulated_cluster(tmp_path):
+    from polytrain.launch.cluster import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no emulated cluster on this machine: {reason}")
+    root = tmp_path / "cluster"
+    assert main(["compare", *BASE, "--epochs", "1", "--workers", "2", "--bandwidth", "1gbit", "--seeds", "1",
+                 "--out", str(root)]) == 0
+    matrix = load_matrix(root)
+    (cell,) = [c for c in matrix.cells if not c.baseline]
+    result = json.loads((run_dir(root, cell, 0) / "result.json").read_text())
+    assert cell.bandwidth == "1gbit" and result["environment"]["network"].startswith("emulated cluster: 2 hosts")
+    baseline = next(c for c in matrix.cells if c.baseline)
+    assert max_weight_difference(load_weights(run_dir(root, cell, 0)), load_weights(run_dir(root, baseline, 0))) <= 1e-5
