@@ -472,6 +472,8 @@ def _fmt(stat: Stat | None, scale: float = 1.0, digits: int = 1, unit: str = "",
         return "-"
     if math.isinf(stat.median):
         return "never"
+    if stat.n == 1:  # one run has no interval
+        return f"{scale * stat.median:.{digits}{style}}{unit}"
     high = "never" if math.isinf(stat.high) else f"{scale * stat.high:.{digits}{style}}"
     return f"{scale * stat.median:.{digits}{style}}{unit} [{scale * stat.low:.{digits}{style}}, {high}]"
 
@@ -491,7 +493,7 @@ def table_row(s: CellSummary) -> list[str]:
 
 def _staleness_note(s: CellSummary) -> list[str]:
     """Where updates were stale: the largest staleness and the mean over every update of every seed."""
-    if not s.staleness:
+    if not s.staleness or max(int(k) for k in s.staleness) == 0:  # a synchronous pipeline: nothing stale
         return []
     total = sum(s.staleness.values())
     mean = sum(int(k) * n for k, n in s.staleness.items()) / total
@@ -610,7 +612,7 @@ def print_summary(summary: Summary, stream: TextIO | None = None) -> None:
     from rich.table import Table
 
     stream = stream or sys.stdout
-    console = Console(file=stream, width=max(170, Console(file=stream).width))
+    console = Console(file=stream, width=max(200, Console(file=stream).width))
     table = Table(title="polytrain compare: medians [95 % CI] over seeds" +
                         (f", target {summary.target}" if summary.target is not None else ""))
     for column in ("cell", "seeds", "test acc", "to target s", "speed-up (target)", "samples/s",
