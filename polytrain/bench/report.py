@@ -60,7 +60,7 @@ def _ok_results(summary: CellSummary) -> list[dict]:
 
 def _family(label: str) -> str:
     """A cell's label without its worker count: the line a scaling plot draws over workers."""
-    return re.sub(r"^\d+ workers(, )?", "", label) or "default policy"
+    return re.sub(r"^\d+ workers(, | \+ )?", "", label) or "default policy"
 
 
 def _workers(summary: CellSummary) -> int | None:
