@@ -66,6 +66,10 @@ class Experiment:
         aggregator_args: arguments of the aggregator, and f, the Byzantine replicas it must tolerate (default:
             the byzantine fault's ranks, else 1).
         epochs: passes over the training split.
+        stop_at: pause the run at the end of the first epoch where one of these is reached, with its
+            checkpoint to continue from: {"epochs": E}, {"wall_s": S} (rank 0's training wall time) or
+            {"bytes_sent": B} (rank 0's bytes sent); the schedule still spans `epochs` ({}: run them all).
+            The schedulers of `polytrain tune` pause trials at their rungs with it.
         batch_size: global batch: samples per optimizer step over all workers.
         optimizer: torch.optim optimizer by registered name.
         lr: learning rate (for `lr_reference_batch` samples when the linear scaling rule is on).
@@ -129,6 +133,7 @@ class Experiment:
     aggregator: str | None = None
     aggregator_args: dict = field(default_factory=dict)
     epochs: int | None = None
+    stop_at: dict = field(default_factory=dict)
     batch_size: int | None = None
     optimizer: str | None = None
     lr: float | None = None

@@ -231,12 +231,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def run_command(exp: Experiment, bandwidth: str, run_timeout_s: float) -> list[str]:
-    """`polytrain train --config DIR/config.toml --out DIR`, on emulated hosts at `bandwidth` unless none."""
+def run_command(exp: Experiment, bandwidth: str, run_timeout_s: float, resume: bool = False) -> list[str]:
+    """`polytrain train --config DIR/config.toml --out DIR` (with `--resume DIR`: continuing the run there),
+    on emulated hosts at `bandwidth` unless none."""
     from polytrain.train.defaults import resolve, run_ranks
 
     train = [sys.executable, "-m", "polytrain", "train", "--config", str(Path(exp.out) / "config.toml"),
-             "--out", exp.out]
+             "--out", exp.out, *(["--resume", exp.out] if resume else [])]
     if bandwidth == "none":
         return train
     hosts = run_ranks(resolve(exp))
@@ -245,21 +246,28 @@ def run_command(exp: Experiment, bandwidth: str, run_timeout_s: float) -> list[s
 
 
 def train_in_directory(exp: Experiment, bandwidth: str = "none", run_timeout_s: float = 3600.0,
-                       on_line: Callable[[str], None] = lambda line: None) -> dict | None:
+                       on_line: Callable[[str], None] = lambda line: None, resume: bool = False) -> dict | None:
     """Runs `exp` as its own `polytrain train` process in `exp.out` (made afresh: an earlier attempt there is
     kept as DIR.failed-K): config.toml, log.txt, then the run's files. Returns its result.json, or None when
-    it failed (DIR/failed.json says how). A watchdog stops it, and its workers, past `run_timeout_s`."""
+    it failed (DIR/failed.json says how). A watchdog stops it, and its workers, past `run_timeout_s`.
+
+    With `resume`, a run paused there (`stop_at`) continues from its newest checkpoint with `exp`'s settings
+    (log.txt grows); a directory without a checkpoint starts afresh."""
+    from polytrain.train.checkpoint import checkpoint_path
+
     directory = Path(exp.out)
-    if directory.exists():
+    resume = resume and checkpoint_path(directory).exists()
+    if directory.exists() and not resume:
         attempt = 1 + sum(1 for _ in directory.parent.glob(f"{directory.name}.failed-*"))
         directory.rename(directory.with_name(f"{directory.name}.failed-{attempt}"))
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=resume)
+    (directory / "failed.json").unlink(missing_ok=True)
     settings = {k: v for k, v in exp.to_dict().items() if k != "out"}
     atomic_write_bytes(directory / "config.toml", to_toml(settings).encode())
     started = time.monotonic()
-    with open(directory / "log.txt", "w") as log:
+    with open(directory / "log.txt", "a" if resume else "w") as log:
         # Its own process group: the watchdog and an interrupt stop the run's workers with it.
-        child = subprocess.Popen(run_command(exp, bandwidth, run_timeout_s), stdout=subprocess.PIPE,
+        child = subprocess.Popen(run_command(exp, bandwidth, run_timeout_s, resume), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, start_new_session=True,
                                  preexec_fn=_die_with_parent)
         watchdog = threading.Timer(run_timeout_s + 60, _stop, [child])  # no run may hang the caller

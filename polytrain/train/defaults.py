@@ -129,6 +129,16 @@ def run_ranks(exp: Experiment) -> int:
     return exp.workers + server_ranks(exp.strategy, exp.strategy_args)
 
 
+STOP_AT = {"epochs": int, "wall_s": (int, float), "bytes_sent": (int, float)}
+
+
+def _check_stop_at(stop_at: dict) -> None:
+    for key, value in stop_at.items():
+        _check(key in STOP_AT, f"stop_at has no measure '{key}'; expected {', '.join(STOP_AT)}")
+        _check(isinstance(value, STOP_AT[key]) and not isinstance(value, bool) and value > 0,
+               f"stop_at {key} must be a positive number; got {value!r}")
+
+
 def resolve_device(device: str) -> str:
     """`auto` becomes cuda where a GPU is visible, else cpu; cpu and cuda stay (cuda needs a GPU)."""
     if device not in DEVICES:
@@ -349,6 +359,7 @@ def validate(exp: Experiment, *, own: tuple[str, ...] = ()) -> None:
                                       f"{exp.strategy} each rank holds a shard of the model; use no clipping")
     straggler = straggler_error(exp.straggler, exp.workers)
     _check(straggler is None, straggler or "")
+    _check_stop_at(exp.stop_at)
     _check_faults(exp, shape)
     if hasattr(strategy_args, "check_replicas"):
         strategy_args.check_replicas(replicas)

@@ -45,8 +45,11 @@ from polytrain.train.session import Session, backend_for
 from polytrain.train.straggler import Straggler
 
 # Settings that may differ when resuming: they do not change what has been computed so far.
-RESUMABLE_CHANGES = ("epochs", "out", "target", "checkpoint_steps", "threads", "timeout_s", "device",
+RESUMABLE_CHANGES = ("epochs", "stop_at", "out", "target", "checkpoint_steps", "threads", "timeout_s", "device",
                      "loader_workers", "straggler", "faults", "max_restarts", "elastic", "keep_checkpoints")
+# Hyper-parameters a resumed run may be given anew (population-based training explores them): they apply
+# from the resumed step on; the learning rate is set at every step, the others in the optimizer's groups.
+RETUNABLE = ("lr", "weight_decay", "optimizer_args")
 # Settings that may differ when a run resumes at another world size (the global batch stays and the sampler
 # re-shards it), provided its policy state is the same on every rank (checkpoint.reshard_error). The strategy
 # may change between `local` and `allreduce`: the same synchronous SGD on 1 and on N replicas.
@@ -211,6 +214,7 @@ class Trainer:
         self.attempt = attempt or Attempt()
         self.faults = FaultInjector(exp.faults, self.rank, self.attempt.number, exp.out)
         self.saved_step: int | None = None  # the global step of checkpoint.pt, which the next save keeps
+        self.bytes_before = 0  # rank 0's training bytes sent before this process (a resumed run's)
         byzantine = self.session.byzantine
         self.flips_labels = byzantine is not None and not self.mesh.is_server and \
             byzantine.flips_labels(self.mesh.dp_rank)
@@ -255,6 +259,12 @@ class Trainer:
         self.saved_step = None  # a fallback's newer, corrupt checkpoint.pt is not kept
         self.position = _Position(epoch=sampler["epoch"], step=sampler["step"], global_step=state["global_step"],
                                   wall_s=state["wall_s"], history=list(state["history"]), totals=totals)
+        self.bytes_before = self.position.history[-1].get("bytes_sent", 0) if self.position.history else 0
+        saved = state["config"]
+        if (saved["weight_decay"], saved["optimizer_args"]) != (self.exp.weight_decay, self.exp.optimizer_args):
+            retuned = {key: tuple(v) if isinstance(v, list) else v for key, v in self.exp.optimizer_args.items()}
+            for group in self.optimizer.param_groups:  # load_state_dict brought back the saved ones
+                group.update(weight_decay=self.exp.weight_decay, **retuned)
 
     # -- the loop ----------------------------------------------------------------------------------------
 
@@ -268,10 +278,18 @@ class Trainer:
         try:
             while self.position.epoch < self.exp.epochs:
                 self.train_epoch()
+                if self.exp.stop_at and self.stop_reached():
+                    break
             return self.finish()
         finally:
             self.reporter.close()
             self.session.close()
+
+    def stop_reached(self) -> bool:
+        """Whether the epoch just ended reached `stop_at` (rank 0's measures decide for every rank)."""
+        row = self.position.history[-1]
+        reached = any(row["epoch" if key == "epochs" else key] >= value for key, value in self.exp.stop_at.items())
+        return self.session.sum({"stop": float(reached and self.rank == 0)})["stop"] > 0
 
     def sampler(self, epoch: int) -> ShardedBatchSampler:
         """This replica's shards: data is sharded by the mesh's dp coordinate."""
@@ -420,6 +438,7 @@ class Trainer:
             "eval_s": time.perf_counter() - eval_started,
             "samples_per_s": samples / totals.train_s if totals.train_s > 0 else 0.0,
             "wall_s": position.wall_s + self.elapsed(),
+            "bytes_sent": self.bytes_before + self.session.comm_stats().get("bytes_sent", 0),
             **policy_metrics,
         }
         position.history.append(row)
@@ -477,7 +496,12 @@ def _check_resumable(exp: Experiment, state: dict, directory: Path) -> None:
     the same, so that it can be re-sharded.
     """
     requested, saved = exp.to_dict(), state["config"]
-    allowed_keys = RESUMABLE_CHANGES + WORLD_CHANGES
+    allowed_keys = RESUMABLE_CHANGES + WORLD_CHANGES + RETUNABLE
+    if requested["optimizer_args"] != saved["optimizer_args"] or requested["weight_decay"] != saved["weight_decay"]:
+        if saved["compressor"] is not None or server_ranks(saved["strategy"], saved["strategy_args"]):
+            raise ConfigError(f"cannot resume {directory} with other optimizer_args or weight_decay: with a "
+                              f"compressor or parameter servers the optimizer's state lives beyond this rank's "
+                              f"optimizer; only lr may change")
     if {requested["strategy"], saved["strategy"]} <= set(SYNCHRONOUS) and requested["workers"] != saved["workers"]:
         allowed_keys += ("strategy", "strategy_args")
     for key in saved:

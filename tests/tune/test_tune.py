@@ -18,6 +18,7 @@ from polytrain.cli import main
 from polytrain.config import ConfigError
 from polytrain.tune import Objective, SearchSpace, TuneSpec, derive_seed, pareto_front
 from polytrain.tune.run import CONFIRM_SEED_BASE
+from polytrain.tune.schedulers import Job
 from polytrain.tune.study import TrialRow
 
 STUDY = """
@@ -67,10 +68,18 @@ def test_a_bad_space_is_one_line(table, message):
         SearchSpace.parse(table)
 
 
+def planned(spec: TuneSpec) -> list[dict]:
+    """Every trial a fifo study hands out, in order, before any is told."""
+    scheduler, found = spec.build(), []
+    while isinstance(job := scheduler.ask(), Job):
+        found.append(job.params)
+    return found
+
+
 def test_a_trial_depends_only_on_the_study_seed_and_its_number():
     table = {"sampler": "random", "trials": 5, "seed": 3, "space": {"lr": {"loguniform": [1e-3, 1.0]}}}
-    five = TuneSpec.parse({"model": "mlp", "dataset": "digits"}, table).planned()
-    eight = TuneSpec.parse({"model": "mlp", "dataset": "digits"}, {**table, "trials": 8}).planned()
+    five = planned(TuneSpec.parse({"model": "mlp", "dataset": "digits"}, table))
+    eight = planned(TuneSpec.parse({"model": "mlp", "dataset": "digits"}, {**table, "trials": 8}))
     assert eight[:5] == five and len({p["lr"] for p in eight}) == 8
     assert derive_seed(3, 4) == derive_seed(3, 4) != derive_seed(3, 5) != derive_seed(4, 4)
     with pytest.raises(ConfigError, match="no setting 'lrr'|search space lrr"):
