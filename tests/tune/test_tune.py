@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 
 import pytest
 
@@ -156,3 +157,92 @@ def test_a_killed_study_keeps_its_finished_trials_and_runs_the_running_one_again
     assert (root / "trials" / "0000" / "result.json").stat().st_mtime_ns == first
     assert (root / "trials" / "0001.failed-1").is_dir()  # the interrupted attempt, kept
     assert not os.path.exists(root / "trials" / "0001.failed-1" / "result.json")
+
+
+ASHA_STUDY = """
+model = "mlp"
+dataset = "digits"
+epochs = 3
+batch_size = 64
+optimizer = "momentum"
+schedule = "cosine"
+augment_shift = 0
+
+[tune]
+sampler = "random"
+trials = 3
+seed = 2
+scheduler = "asha"
+confirm_seeds = 0
+scheduler_args = { min = 1, eta = 3 }
+
+[tune.space]
+lr = { loguniform = [0.01, 0.3] }
+"""
+
+
+def test_asha_pauses_and_continues_trials_to_the_weights_of_uninterrupted_runs(tmp_path):
+    import torch
+
+    from polytrain.train.result import max_weight_difference
+
+    (tmp_path / "study.toml").write_text(ASHA_STUDY)
+    assert main(["tune", "--config", str(tmp_path / "study.toml"), "--out", str(tmp_path / "s")]) == 0
+    summary = json.loads((tmp_path / "s" / "tune.json").read_text())
+    assert summary["jobs"] == 4  # three trials to epoch 1, the best of them on to 3 (its cosine over 3 epochs)
+    winner = summary["trials"][summary["best"][0]]
+    assert winner["level"] == 3 and sorted(t["level"] for t in summary["trials"]) == [1, 1, 3]
+    best_at_1 = max((t for t in summary["trials"]), key=lambda t: json.loads(
+        (tmp_path / "s" / t["directory"] / "metrics.jsonl").read_text().splitlines()[0])["test_accuracy"])
+    assert best_at_1["number"] == winner["number"]
+    reference = tmp_path / "reference"
+    assert main(["train", "--config", str(tmp_path / "s" / winner["directory"] / "config.toml"), "--set",
+                 "stop_at={}", "--out", str(reference)]) == 0
+    paused = torch.load(tmp_path / "s" / winner["directory"] / "model.pt")
+    assert max_weight_difference(paused, torch.load(reference / "model.pt")) == 0.0
+    assert summary["total_seconds"] == pytest.approx(sum(t["seconds"] for t in summary["trials"]))
+
+
+PBT_STUDY = """
+model = "mlp"
+dataset = "digits"
+epochs = 3
+batch_size = 64
+optimizer = "momentum"
+schedule = "constant"
+augment_shift = 0
+
+[tune]
+sampler = "random"
+trials = 2
+seed = 4
+scheduler = "pbt"
+scheduler_args = { population = 2, interval = 1 }
+
+[tune.space]
+lr = { loguniform = [0.001, 0.3] }
+"optimizer_args.momentum" = { uniform = [0.5, 0.95] }
+"""
+
+
+def test_pbt_copies_weights_with_hyper_parameters_and_replays_its_winner_bit_for_bit(tmp_path):
+    from polytrain.train.checkpoint import load_checkpoint
+
+    (tmp_path / "study.toml").write_text(PBT_STUDY)
+    assert main(["tune", "--config", str(tmp_path / "study.toml"), "--out", str(tmp_path / "s")]) == 0
+    summary = json.loads((tmp_path / "s" / "tune.json").read_text())
+    assert summary["jobs"] == 6 and summary["lineage_replay"]["identical"] is True
+    lineage = summary["lineage"]
+    assert [e["level"] for e in lineage] == [1, 2, 3]
+    exploited = [e for e in lineage if e["source"] is not None]
+    trials = {t["number"]: t for t in summary["trials"]}
+    for entry in exploited:  # the clone trains on with the source's seed and the explored hyper-parameters
+        clone = trials[entry["trial"]]
+        config = tomllib.loads((tmp_path / "s" / clone["directory"] / "config.toml").read_text())
+        assert config["seed"] == trials[entry["source"]]["seed"]
+    last = lineage[-1]
+    state = load_checkpoint(tmp_path / "s" / f"trials/{last['trial']:04d}" / "checkpoint.pt")
+    group = state["optimizer"]["param_groups"][0]
+    assert group["momentum"] == pytest.approx(last["params"]["optimizer_args.momentum"])
+    assert group["lr"] == pytest.approx(last["params"]["lr"])
+    assert summary["confirmation"] is None and summary["total_seconds"] > 0
