@@ -90,6 +90,8 @@ def _add_train_flags(parser: argparse.ArgumentParser, axes: bool = False) -> Non
                         help="override any setting (repeatable); KEY.SUB=VALUE sets one entry of a table")
     if not axes:
         parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
+        parser.add_argument("--retune", action="store_true", help="with --resume: take new lr, weight_decay and "
+                                                                  "optimizer_args (population-based training)")
         parser.add_argument("--plan", default=None, metavar="FILE",
                             help="run a plan written by polytrain plan (its settings come before the flags)")
 
@@ -249,6 +251,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def command_train(args: argparse.Namespace) -> int:
+    if args.retune and not args.resume:
+        raise ValueError("--retune gives a resumed run new hyper-parameters; it needs --resume DIR")
     overrides = overrides_from_args(args)
     if args.resume:
         base = stored_experiment(args.resume)
@@ -258,7 +262,7 @@ def command_train(args: argparse.Namespace) -> int:
     else:
         base = Experiment()
     exp = apply_overrides(base, overrides)
-    result = train(exp, resume=args.resume, reporter=console_reporter(sys.stdout))
+    result = train(exp, resume=args.resume, reporter=console_reporter(sys.stdout), retune=args.retune)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 speaks for the run
     if result.final_test_accuracy is not None:

@@ -232,12 +232,12 @@ def _duration(seconds: float) -> str:
 
 
 def run_command(exp: Experiment, bandwidth: str, run_timeout_s: float, resume: bool = False) -> list[str]:
-    """`polytrain train --config DIR/config.toml --out DIR` (with `--resume DIR`: continuing the run there),
-    on emulated hosts at `bandwidth` unless none."""
+    """`polytrain train --config DIR/config.toml --out DIR` (with `--resume DIR --retune`: continuing the run
+    there, with the hyper-parameters `exp` gives), on emulated hosts at `bandwidth` unless none."""
     from polytrain.train.defaults import resolve, run_ranks
 
     train = [sys.executable, "-m", "polytrain", "train", "--config", str(Path(exp.out) / "config.toml"),
-             "--out", exp.out, *(["--resume", exp.out] if resume else [])]
+             "--out", exp.out, *(["--resume", exp.out, "--retune"] if resume else [])]
     if bandwidth == "none":
         return train
     hosts = run_ranks(resolve(exp))

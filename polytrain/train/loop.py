@@ -47,8 +47,9 @@ from polytrain.train.straggler import Straggler
 # Settings that may differ when resuming: they do not change what has been computed so far.
 RESUMABLE_CHANGES = ("epochs", "stop_at", "out", "target", "checkpoint_steps", "threads", "timeout_s", "device",
                      "loader_workers", "straggler", "faults", "max_restarts", "elastic", "keep_checkpoints")
-# Hyper-parameters a resumed run may be given anew (population-based training explores them): they apply
-# from the resumed step on; the learning rate is set at every step, the others in the optimizer's groups.
+# Hyper-parameters a resumed run may be given anew when asked to (`retune`: population-based training
+# explores them): they apply from the resumed step on; the learning rate is set at every step, the others in
+# the optimizer's groups.
 RETUNABLE = ("lr", "weight_decay", "optimizer_args")
 # Settings that may differ when a run resumes at another world size (the global batch stays and the sampler
 # re-shards it), provided its policy state is the same on every rank (checkpoint.reshard_error). The strategy
@@ -196,6 +197,7 @@ class Trainer:
         self.task = own.task or TASKS.get(exp.task)
         torch.manual_seed(exp.seed)
         model = self.build_model(own.model)
+        self.parameters = sum(p.numel() for p in model.parameters())  # before tp/pp keep shards of it
         self.number_format = parse_format(exp.precision)
         quantize_parameters_(model, self.number_format, "nearest")  # stored in the format from step 0
         optimizer = build_optimizer(exp.optimizer, model.parameters(), lr=exp.lr, weight_decay=exp.weight_decay,
@@ -480,7 +482,8 @@ class Trainer:
         if self.rank == 0:
             from polytrain.perf.predict import beside_measured
 
-            result = dataclasses.replace(result, performance=beside_measured(self.exp, self.position.history))
+            result = dataclasses.replace(result, performance=beside_measured(self.exp, self.position.history),
+                                         model={"parameters": self.parameters})
         if self.out is not None and self.rank == 0:
             buffer = io.BytesIO()
             torch.save(model_state, buffer)
@@ -489,15 +492,16 @@ class Trainer:
         return result
 
 
-def _check_resumable(exp: Experiment, state: dict, directory: Path) -> None:
+def _check_resumable(exp: Experiment, state: dict, directory: Path, retune: bool = False) -> None:
     """Raises ConfigError when `exp` cannot continue the checkpoint `state` of run `directory`.
 
     Only RESUMABLE_CHANGES may differ, and the world size (WORLD_CHANGES) when every rank's policy state is
     the same, so that it can be re-sharded.
     """
     requested, saved = exp.to_dict(), state["config"]
-    allowed_keys = RESUMABLE_CHANGES + WORLD_CHANGES + RETUNABLE
-    if requested["optimizer_args"] != saved["optimizer_args"] or requested["weight_decay"] != saved["weight_decay"]:
+    allowed_keys = RESUMABLE_CHANGES + WORLD_CHANGES + (RETUNABLE if retune else ())
+    if retune and (requested["optimizer_args"], requested["weight_decay"]) != (saved["optimizer_args"],
+                                                                                saved["weight_decay"]):
         if saved["compressor"] is not None or server_ranks(saved["strategy"], saved["strategy_args"]):
             raise ConfigError(f"cannot resume {directory} with other optimizer_args or weight_decay: with a "
                               f"compressor or parameter servers the optimizer's state lives beyond this rank's "
@@ -541,7 +545,7 @@ def stored_experiment(directory: str | Path) -> Experiment:
     return Experiment(**config)
 
 
-def _resume_state(exp: Experiment, resume: str | Path | None) -> tuple[Path, dict] | None:
+def _resume_state(exp: Experiment, resume: str | Path | None, retune: bool = False) -> tuple[Path, dict] | None:
     """The checkpoint file to continue from and its state, checked against `exp`; refuses to overwrite
     another run."""
     if resume is None:
@@ -553,7 +557,7 @@ def _resume_state(exp: Experiment, resume: str | Path | None) -> tuple[Path, dic
     if "ranks" not in state:
         raise CheckpointError(f"{path} was written by an older polytrain without per-rank "
                               f"state; it cannot be resumed by this version")
-    _check_resumable(exp, state, Path(resume))
+    _check_resumable(exp, state, Path(resume), retune)
     return path, state
 
 
@@ -682,7 +686,7 @@ def _with_torchrun_world(exp: Experiment) -> Experiment:
 
 def train(exp: Experiment, *, resume: str | Path | None = None, reporter: Reporter | None = None,
           on_step: Callable[[int], None] | None = None, model: Callable[[], nn.Module] | None = None,
-          data=None, task: Task | str | None = None) -> Result:
+          data=None, task: Task | str | None = None, retune: bool = False) -> Result:
     """Trains `exp` and returns its Result (rank 0's); writes the contract files when `exp.out` is set.
 
     With `workers` above 1, spawns that many local worker processes, or, when started by torchrun, runs
@@ -692,6 +696,8 @@ def train(exp: Experiment, *, resume: str | Path | None = None, reporter: Report
         exp: the experiment; None settings take the defaults of its model and dataset.
         resume: a run directory whose checkpoint to continue from (the settings must match it, except
             those in RESUMABLE_CHANGES).
+        retune: the resumed run may also take new RETUNABLE hyper-parameters (lr, weight_decay,
+            optimizer_args), applied from its first step on.
         reporter: progress output (default: none; spawned workers report on rank 0's console instead).
         on_step: called with the global step number after every optimizer step (and its checkpoint);
             single-process runs only.
@@ -704,7 +710,7 @@ def train(exp: Experiment, *, resume: str | Path | None = None, reporter: Report
     own = _own_objects(model, data, task)
     torchrun = under_torchrun()
     exp = resolve(_with_own(_with_torchrun_world(exp) if torchrun else exp, own), own=_owned(own))
-    resumed = _resume_state(exp, resume)
+    resumed = _resume_state(exp, resume, retune)
     if run_ranks(exp) > 1 and not torchrun:
         if on_step is not None:
             raise ConfigError("on_step callbacks need a single process; spawned workers cannot call back")

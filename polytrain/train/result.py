@@ -43,6 +43,7 @@ class Result:
     environment: dict
     faults: dict = field(default_factory=dict)  # injected faults and every restart (polytrain.train.loop.supervise)
     performance: dict = field(default_factory=dict)  # predicted beside measured step (polytrain.perf.predict)
+    model: dict = field(default_factory=dict)  # the whole model's size: {"parameters": N}
 
     @classmethod
     def from_history(cls, exp: Experiment, history: list[dict], *, comm: dict, steps: int, data: dict, task: Task,

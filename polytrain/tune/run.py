@@ -48,6 +48,7 @@ OBJECTIVES: dict[str, tuple[Callable[[dict], float | None], str]] = {
     "wall_s": (lambda r: r["wall_s"], "min"),
     "samples_per_s": (lambda r: r["samples_per_s"], "max"),
     "bytes_sent_per_step": (lambda r: r["comm"].get("bytes_sent_per_step"), "min"),
+    "parameters": (lambda r: r.get("model", {}).get("parameters"), "min"),
 }
 CONFIRM_SEED_BASE = 1_000_000  # fresh seeds for the winner's re-runs, disjoint from every trial's
 

@@ -142,24 +142,30 @@ class SuccessiveHalving(Scheduler):
 
 class Hyperband(Scheduler):
     """Brackets s = s_max .. 0 of successive halving: n_s = ceil((s_max + 1) / (s + 1) * eta^s) trials from
-    maximum * eta^-s, one bracket after the other."""
+    maximum * eta^-s, one bracket after the other, the whole pass again while trials are left."""
 
     def __init__(self, trials: Trials, minimum: float, maximum: float, eta: int) -> None:
         super().__init__(trials)
-        s_max = int(math.floor(math.log(maximum / minimum, eta) + 1e-9))
-        self.brackets = []
-        for s in range(s_max, -1, -1):
-            n = int(math.ceil((s_max + 1) / (s + 1) * eta ** s))
-            self.brackets.append(SuccessiveHalving(trials, n, rung_levels(maximum * eta ** -s, maximum, eta), eta))
+        self.minimum, self.maximum, self.eta = minimum, maximum, eta
+        self.brackets = self.one_pass()
         self.current = 0
 
+    def one_pass(self) -> list[SuccessiveHalving]:
+        s_max = int(math.floor(math.log(self.maximum / self.minimum, self.eta) + 1e-9))
+        return [SuccessiveHalving(self.trials, int(math.ceil((s_max + 1) / (s + 1) * self.eta ** s)),
+                                  rung_levels(self.maximum * self.eta ** -s, self.maximum, self.eta), self.eta)
+                for s in range(s_max, -1, -1)]
+
     def next_job(self):
-        while self.current < len(self.brackets):
-            job = self.brackets[self.current].ask()
-            if job is not None:
-                return job
-            self.current += 1
-        return None
+        while True:
+            while self.current < len(self.brackets):
+                job = self.brackets[self.current].ask()
+                if job is not None:
+                    return job
+                self.current += 1
+            if not self.trials.can_grow():
+                return None
+            self.brackets, self.current = self.brackets + self.one_pass(), len(self.brackets)
 
     def ask(self):  # each bracket counts its own jobs in flight
         return self.next_job()

@@ -80,11 +80,11 @@ def test_asha_promotes_only_from_the_top_of_a_rung_and_never_twice():
 
 
 def test_hyperband_runs_its_brackets():
-    scheduler = Hyperband(trials(None), 1, 9, 3)
+    scheduler = Hyperband(trials(17 + 9), 1, 9, 3)
     assert [(b.n, b.levels) for b in scheduler.brackets] == [(9, [1, 3, 9]), (5, [3, 9]), (3, [9])]
     sim = simulate(scheduler, TABLE, parallel=2)
-    assert len(scheduler.trials.history.params) == 17
-    assert sum(j["level"] == 9 for j in sim.jobs) == 1 + 1 + 3
+    assert len(scheduler.trials.history.params) == 17 + 9  # a second pass begins while trials are left
+    assert sum(j["level"] == 9 for j in sim.jobs) == 1 + 1 + 3 + 1
 
 
 def test_a_replayed_search_is_the_same_every_time():
