@@ -246,3 +246,50 @@ def test_pbt_copies_weights_with_hyper_parameters_and_replays_its_winner_bit_for
     assert group["momentum"] == pytest.approx(last["params"]["optimizer_args.momentum"])
     assert group["lr"] == pytest.approx(last["params"]["lr"])
     assert summary["confirmation"] is None and summary["total_seconds"] > 0
+
+
+EVOLUTION_STUDY = """
+model = "mlp"
+dataset = "digits"
+epochs = 1
+batch_size = 64
+optimizer = "momentum"
+lr = 0.05
+augment_shift = 0
+
+[tune]
+sampler = "evolution"
+sampler_args = { population = 3, sample = 2 }
+trials = 5
+seed = 1
+objective = ["final_test_accuracy", "parameters"]
+confirm_seeds = 0
+
+[tune.space]
+"model_args.hidden" = { choice = [[8], [32], [8, 8], [32, 16]] }
+lr = { choice = [0.02, 0.1] }
+"""
+
+
+def mlp_parameters(hidden: list[int]) -> int:
+    widths = [64, *hidden, 10]  # digits: 8 x 8 inputs, 10 classes
+    return sum(a * b + b for a, b in zip(widths, widths[1:]))
+
+
+def test_regularized_evolution_searches_architectures_for_an_accuracy_size_front(tmp_path):
+    (tmp_path / "study.toml").write_text(EVOLUTION_STUDY)
+    assert main(["tune", "--config", str(tmp_path / "study.toml"), "--out", str(tmp_path / "s")]) == 0
+    summary = json.loads((tmp_path / "s" / "tune.json").read_text())
+    trials = summary["trials"]
+    assert summary["objectives"] == ["max:final_test_accuracy", "min:parameters"]
+    for trial in trials:  # the size objective is the model's real parameter count
+        assert trial["values"][1] == mlp_parameters(trial["params"]["model_args.hidden"])
+    for child in trials[3:]:  # one dimension changed from a member of the 3 trials before it
+        parents = trials[child["number"] - 3:child["number"]]
+        assert any(sum(child["params"][k] != p["params"][k] for k in child["params"]) == 1 for p in parents)
+    front = [trials[n] for n in summary["best"]]
+    assert front
+    for member in front:  # nothing on the front is dominated by another trial
+        acc, size = member["values"]
+        assert not any(t["values"][0] >= acc and t["values"][1] <= size and t["values"] != member["values"]
+                       for t in trials)
