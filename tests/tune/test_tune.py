@@ -201,6 +201,11 @@ def test_asha_pauses_and_continues_trials_to_the_weights_of_uninterrupted_runs(t
     paused = torch.load(tmp_path / "s" / winner["directory"] / "model.pt")
     assert max_weight_difference(paused, torch.load(reference / "model.pt")) == 0.0
     assert summary["total_seconds"] == pytest.approx(sum(t["seconds"] for t in summary["trials"]))
+    logs = {path: path.stat().st_mtime_ns for path in (tmp_path / "s" / "trials").glob("*/log.txt")}
+    assert main(["tune", "--config", str(tmp_path / "study.toml"), "--out", str(tmp_path / "s")]) == 0
+    again = json.loads((tmp_path / "s" / "tune.json").read_text())  # every job answered from the database
+    assert again["trials"] == summary["trials"] and again["best"] == summary["best"]
+    assert {path: path.stat().st_mtime_ns for path in logs} == logs
 
 
 PBT_STUDY = """
