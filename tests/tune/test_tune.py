@@ -298,3 +298,24 @@ def test_regularized_evolution_searches_architectures_for_an_accuracy_size_front
         acc, size = member["values"]
         assert not any(t["values"][0] >= acc and t["values"][1] <= size and t["values"] != member["values"]
                        for t in trials)
+
+
+def test_trials_may_be_multi_worker_runs_paused_and_continued(tmp_path):
+    import torch
+
+    from polytrain.train.result import max_weight_difference
+
+    study = ASHA_STUDY.replace('epochs = 3', 'epochs = 2\nworkers = 2').replace('scheduler = "asha"', 'scheduler = "sh"') \
+        .replace("trials = 3", "trials = 2").replace("eta = 3", "eta = 2")
+    (tmp_path / "study.toml").write_text(study)
+    assert main(["tune", "--config", str(tmp_path / "study.toml"), "--out", str(tmp_path / "s")]) == 0
+    summary = json.loads((tmp_path / "s" / "tune.json").read_text())
+    assert summary["jobs"] == 3
+    winner = summary["trials"][summary["best"][0]]
+    result = json.loads((tmp_path / "s" / winner["directory"] / "result.json").read_text())
+    assert result["config"]["workers"] == 2 and result["comm"]["bytes_sent"] > 0
+    reference = tmp_path / "reference"
+    assert main(["train", "--config", str(tmp_path / "s" / winner["directory"] / "config.toml"), "--set",
+                 "stop_at={}", "--out", str(reference)]) == 0
+    paused = torch.load(tmp_path / "s" / winner["directory"] / "model.pt")
+    assert max_weight_difference(paused, torch.load(reference / "model.pt")) == 0.0
