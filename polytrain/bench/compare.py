@@ -139,9 +139,11 @@ def build_matrix(base: dict, axes: dict) -> Matrix:
     combos = [dict(zip(vary, values)) for values in itertools.product(*vary.values())]
 
     cells: dict[str, Cell] = {}
+    probe = Matrix(dict(base), [], seeds)
     for combo in combos:
         baseline = baseline_cell(combo)
         cells[baseline.key] = baseline
+        baseline_run = _resolved_or_none(probe.experiment(baseline, 0, Path(".")))
         for strategy, compressor, layout, bandwidth in itertools.product(strategies, compressors or [None],
                                                                          layouts or [{}], bandwidths):
             settings = {**layout, **combo}
@@ -152,10 +154,23 @@ def build_matrix(base: dict, axes: dict) -> Matrix:
             shown = compressor or (("uncompressed", {}) if compressors else None)
             label = _label(layout, strategy, shown, bandwidth, combo)
             cell = Cell(label, settings, bandwidth, vary=combo)
+            if bandwidth == "none" and baseline_run is not None and \
+                    _resolved_or_none(probe.experiment(cell, 0, Path("."))) == baseline_run:
+                continue  # the same run as the baseline (a matrix of `vary` alone): run once, as the baseline
             cells.setdefault(cell.key, cell)
     matrix = Matrix(dict(base), list(cells.values()), seeds, int(axes.get("order_seed", 0)))
     check_matrix(matrix)
     return matrix
+
+
+def _resolved_or_none(exp: Experiment) -> Experiment | None:
+    """`exp` with its defaults filled, or None where it does not resolve (check_matrix then names the cell)."""
+    from polytrain.train.defaults import resolve
+
+    try:
+        return resolve(exp)
+    except (ConfigError, ValueError):
+        return None
 
 
 def baseline_cell(vary: dict | None = None) -> Cell:
