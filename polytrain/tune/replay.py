@@ -122,9 +122,8 @@ def simulate(scheduler: Scheduler, table: CurveTable, parallel: int = 1, resourc
         clock, _, job, score, end = heapq.heappop(events)
         scheduler.tell(job, score)
         sim.jobs.append({"trial": job.trial, "level": job.level, "epoch": end, "score": score, "end_s": clock})
-        full = maximum if maximum is not None else None
-        reached = end >= len(table.curve(job.params)) if full is None else _measure(
-            table.curve(job.params)[end - 1], resource) >= full * (1 - 1e-9)
+        curve = table.curve(job.params)
+        reached = end >= len(curve) if maximum is None else _measure(curve[end - 1], resource) >= maximum * (1 - 1e-9)
         if reached and score > sim.best:
             sim.incumbent.append((clock, score))
     sim.wall_s = clock
