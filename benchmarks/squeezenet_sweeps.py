@@ -7,9 +7,10 @@ with its nonparametric 95 % CI over seeds) and a plot of accuracy against each m
     python benchmarks/squeezenet_sweeps.py --sr runs/squeezenet_sr --pct3x3 runs/squeezenet_pct3x3 \
         --plot docs/squeezenet_sweeps.png
 
-Each setting is read from its single-worker baseline cell. With only a `vary` axis, `compare` also runs a
-"base workers" cell that resolves to the same settings; its accuracies are compared seed by seed with the
-baseline's (a determinism check) and reported, not pooled, since they are the same runs again.
+Each setting is read from its single-worker baseline cell. Before commit 9c92ad3, a `vary`-only matrix also
+ran a "base workers" cell that resolves to the same settings; where a directory has one, its accuracies are
+compared seed by seed with the baseline's (a determinism check) and reported, not pooled, since they are the
+same runs again.
 """
 
 from __future__ import annotations
@@ -182,7 +183,8 @@ def main() -> None:
         print(table(key, sweeps[key]) + "\n")
         equal = sum(p.num_duplicates_equal for p in sweeps[key])
         total = sum(p.num_duplicates for p in sweeps[key])
-        print(f"duplicate 'base workers' cells: {equal} of {total} seeds give the baseline's accuracy exactly\n")
+        if total:  # directories made before compare ran such a cell once, as its baseline
+            print(f"duplicate 'base workers' cells: {equal} of {total} seeds give the baseline's accuracy exactly\n")
     if args.plot:
         fixed = "; ".join(f"{key} sweep at " + ", ".join(f"{k} = {v}" for k, v in fixed_metaparameters(root).items())
                           for key, root in (("SR", args.sr), ("pct3x3", args.pct3x3)))
